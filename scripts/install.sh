@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Install everything densessl needs into the current Python environment (a venv, a conda env, or the
+# system interpreter). Idempotent: a second run checks and returns in seconds.
+#   bash scripts/install.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+
+# ffcv compiles against OpenCV and libjpeg-turbo; the demo data comes from Debian's Fashion-MNIST package,
+# the photo benchmarks from Debian's wallpaper packages (real photographs).
+apt_packages="libopencv-dev libturbojpeg0-dev pkg-config dataset-fashion-mnist plasma-workspace-wallpapers mate-backgrounds"
+missing=""
+for p in $apt_packages; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
+if [[ -n $missing ]]; then
+    echo "== apt-get install$missing"
+    SUDO=""; [[ $(id -u) -eq 0 ]] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing >/dev/null
+fi
+
+# torch first and pinned, so that nothing below can pull a different build.
+if ! $PYTHON -c "import torch, torchvision, sys; sys.exit(torch.__version__.split('+')[0] != '2.14.1')" 2>/dev/null; then
+    echo "== pip install torch==2.14.1 torchvision==0.29.1"
+    $PYTHON -m pip install -q torch==2.14.1 torchvision==0.29.1
+fi
+if ! (cd / && $PYTHON -c "import ffcv, nvidia.dali, deepspeed, timm, pytest, hypothesis, matplotlib" 2>/dev/null); then
+    echo "== pip install -e .[test]"
+    $PYTHON -m pip install -q -e ".[test]"
+fi
+# The editable install (console script `preprocess`) must point at this checkout, not an older clone.
+here=$(pwd -P)
+installed=$(cd / && $PYTHON -c "import preprocess, os; print(os.path.dirname(os.path.dirname(os.path.realpath(preprocess.__file__))))" 2>/dev/null || true)
+if [[ $installed != "$here" ]]; then
+    echo "== pip install -e . (this checkout: $here)"
+    $PYTHON -m pip install -q --no-deps -e .
+fi
+$PYTHON - <<'PY'
+import importlib, sys
+versions = {}
+for name in ["torch", "torchvision", "timm", "deepspeed", "nvidia.dali", "ffcv", "numpy"]:
+    module = importlib.import_module(name)
+    versions[name] = getattr(module, "__version__", "?")
+print("installed: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+PY
