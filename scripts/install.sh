@@ -3,6 +3,7 @@
 # system interpreter). Idempotent: a second run checks and returns in seconds.
 #   bash scripts/install.sh
 set -euo pipefail
+export PIP_ROOT_USER_ACTION=ignore
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 
@@ -23,22 +24,17 @@ if ! $PYTHON -c "import torch, torchvision, sys; sys.exit(torch.__version__.spli
     echo "== pip install torch==2.14.1 torchvision==0.29.1"
     $PYTHON -m pip install -q torch==2.14.1 torchvision==0.29.1
 fi
-if ! (cd / && $PYTHON -c "import ffcv, nvidia.dali, deepspeed, timm, pytest, hypothesis, matplotlib" 2>/dev/null); then
+# find_spec locates without importing (importing deepspeed and DALI takes seconds).
+required="ffcv nvidia.dali deepspeed timm safetensors tensorboard tqdm yaml psutil matplotlib pytest hypothesis"
+if ! (cd / && $PYTHON -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in sys.argv[1:]))" $required); then
     echo "== pip install -e .[test]"
     $PYTHON -m pip install -q -e ".[test]"
 fi
 # The editable install (console script `preprocess`) must point at this checkout, not an older clone.
 here=$(pwd -P)
-installed=$(cd / && $PYTHON -c "import preprocess, os; print(os.path.dirname(os.path.dirname(os.path.realpath(preprocess.__file__))))" 2>/dev/null || true)
+installed=$(cd / && $PYTHON -c "import importlib.util as u, os; s = u.find_spec('preprocess'); print(os.path.dirname(os.path.dirname(os.path.realpath(s.origin))))" 2>/dev/null || true)
 if [[ $installed != "$here" ]]; then
     echo "== pip install -e . (this checkout: $here)"
     $PYTHON -m pip install -q --no-deps -e .
 fi
-$PYTHON - <<'PY'
-import importlib, sys
-versions = {}
-for name in ["torch", "torchvision", "timm", "deepspeed", "nvidia.dali", "ffcv", "numpy"]:
-    module = importlib.import_module(name)
-    versions[name] = getattr(module, "__version__", "?")
-print("installed: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
-PY
+echo "densessl: dependencies installed in $($PYTHON -c 'import sys; print(sys.prefix)')"
