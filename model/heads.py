@@ -1,0 +1,123 @@
+"""Projection heads and SelfPatch's aggregation module.
+
+`DinoHead`: DINO's projection head, MLP D -> hidden -> hidden -> bottleneck (GELU, no batch-norm),
+L2-normalise, then a weight-normalised linear layer bottleneck -> K without bias. With
+`norm_last_layer` the norm g is fixed to 1 (the layer computes x @ (V / ||V||_row)^T); otherwise g is
+a learnable `last_layer.scale`. Every parameter of the last layer has `last_layer` in its name (the
+trainer zeroes their gradients during the first epoch). The weight norm is written out (two lines)
+instead of `torch.nn.utils.weight_norm`, which is deprecated, and its parametrization renames the
+parameters.
+
+`NeighbourAggregator`: CaiT class-attention blocks (query = one token, keys/values = [query, tokens];
+LayerNorm, MLP ratio 4, qkv bias) + a final LayerNorm; SDPA with a key mask for missing neighbours.
+The query is passed in (SelfPatch seeds it with the view's cls token, see `model/methods/selfpatch.py`),
+so the module has no parameter that only the teacher would use.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class HeadConfig:
+    """The DINO head shared by the cls, ADCLR query and RegionCL region tokens."""
+
+    out_dim: int = 65536  # K prototypes (DINO ViT-S/B: 65,536)
+    hidden_dim: int = 2048  # MLP hidden width
+    bottleneck_dim: int = 256  # MLP output before the weight-normalised layer
+    num_layers: int = 3  # MLP layers
+    norm_last_layer: bool = True  # fix the weight norm g to 1 (DINO default for ViT-S)
+
+    def validate(self, prefix: str = "methods.head") -> None:
+        for name in ("out_dim", "hidden_dim", "bottleneck_dim", "num_layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{prefix}.{name}: must be >= 1, got {getattr(self, name)}")
+
+
+class WeightNormLinear(nn.Module):
+    """y = g * x @ (V / ||V||_row)^T, no bias; g fixed to 1 unless `learn_scale`."""
+
+    def __init__(self, in_dim: int, out_dim: int, learn_scale: bool):
+        super().__init__()
+        self.weight = nn.Parameter(nn.Linear(in_dim, out_dim, bias=False).weight.detach().clone())  # [K, in]
+        self.scale = nn.Parameter(torch.ones(out_dim, 1)) if learn_scale else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = F.normalize(self.weight, dim=1)
+        if self.scale is not None:
+            weight = weight * self.scale
+        return F.linear(x, weight)
+
+
+class DinoHead(nn.Module):
+    def __init__(self, in_dim: int, cfg: HeadConfig, out_dim: int | None = None):
+        super().__init__()
+        dims = [in_dim] + [cfg.hidden_dim] * (cfg.num_layers - 1) + [cfg.bottleneck_dim]
+        layers: list[nn.Module] = []
+        for i in range(cfg.num_layers):
+            layers.append(nn.Linear(dims[i], dims[i + 1]))
+            if i < cfg.num_layers - 1:
+                layers.append(nn.GELU())
+        self.mlp = nn.Sequential(*layers)
+        for layer in self.mlp:
+            if isinstance(layer, nn.Linear):
+                nn.init.trunc_normal_(layer.weight, std=0.02)
+                nn.init.zeros_(layer.bias)
+        self.last_layer = WeightNormLinear(cfg.bottleneck_dim, out_dim or cfg.out_dim, not cfg.norm_last_layer)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.normalize(self.mlp(x), dim=-1)
+        return self.last_layer(x)
+
+
+class ClassAttentionBlock(nn.Module):
+    """CaiT block: only the query token is updated, reading [query, tokens] (masked where invalid)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Linear(int(dim * mlp_ratio), dim))
+
+    def forward(self, query: Tensor, tokens: Tensor, valid: Tensor | None) -> Tensor:
+        """query [M, 1, D], tokens [M, n, D], valid [M, n] bool or None -> new query [M, 1, D]."""
+        batch, count, dim = tokens.shape
+        sequence = self.norm1(torch.cat([query, tokens], dim=1))  # [M, 1 + n, D]
+        heads, head_dim = self.num_heads, dim // self.num_heads
+        q = self.q(sequence[:, :1]).reshape(batch, 1, heads, head_dim).transpose(1, 2)
+        k, v = self.kv(sequence).reshape(batch, 1 + count, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
+        mask = None
+        if valid is not None:
+            keep = torch.cat([valid.new_ones(batch, 1), valid], dim=1)  # the query always sees itself
+            mask = keep[:, None, None, :]  # [M, 1, 1, 1 + n]
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [M, heads, 1, head_dim]
+        query = query + self.proj(attended.transpose(1, 2).reshape(batch, 1, dim))
+        return query + self.mlp(self.norm2(query))
+
+
+class NeighbourAggregator(nn.Module):
+    """SelfPatch's aggregation: class attention of one query over a set of tokens, then LayerNorm."""
+
+    def __init__(self, dim: int, num_heads: int, num_blocks: int = 2):
+        super().__init__()
+        self.blocks = nn.ModuleList(ClassAttentionBlock(dim, num_heads) for _ in range(num_blocks))
+        for module in self.blocks.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+
+    def forward(self, query: Tensor, tokens: Tensor, valid: Tensor | None = None) -> Tensor:
+        """query [M, D], tokens [M, n, D], valid [M, n] bool (None = all) -> aggregated [M, D]."""
+        query = query.unsqueeze(1)
+        for block in self.blocks:
+            query = block(query, tokens, valid)
+        return self.norm(query.squeeze(1))

@@ -1,0 +1,1 @@
+"""One loss per method, one file each; `model.losses.METHODS` maps names to them."""

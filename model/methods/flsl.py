@@ -1,0 +1,110 @@
+"""FLSL (Su et al., NeurIPS 2023): feature-level clustering of patch tokens, within and across views.
+
+Algorithm (METHODS.md section 5). Student views: global crops 1.. and the locals, all nested in global
+crop 0, which only the teacher sees. z = student final-norm patch tokens; one query token per w x w
+window (w = 3 on globals, 2 on locals).
+- Mean shift (in the model, `mean_shift`): z_hat_i = sum_j softmax_j(beta z_i . z_j) z_j over all
+  tokens j of the same view, beta = beta_scale / sqrt(D). L_ms = mean(2 - 2 cos(z_i, z_hat_i)).
+- k-means: a_ij = softmax_j(beta_ca z_i . t_j) over the teacher's tokens t of its global view,
+  beta_ca = beta_ca_scale / sqrt(D); p_s = softmax(g_s(z_hat_i) / 0.1); L_km = CE(p_t, p_s).
+- VMR = sum_k p_bar_k log p_bar_k + log K, p_bar = mean student probability (all tokens, all ranks).
+- total = 0.03 L_ms + 1.0 L_km + 5.0 VMR (no image-level term).
+
+Decisions:
+- Teacher target (deviation, for a method-agnostic step): the paper's p_t = softmax(g_t(z_plus_i)/tau_t)
+  with z_plus_i = sum_j a_ij t_j needs the teacher head on a mix that depends on the student's tokens,
+  i.e. a teacher call after the student's. We use p_t = sum_j a_ij softmax(g_t(t_j)/tau_t) instead:
+  the same attention-weighted mean shift, taken on the teacher's per-token assignments. The teacher
+  then runs once, before the student, on its own view only.
+- a_ij uses z_i detached (p_t is a target, no gradient through it).
+- Query token of a window: its centre cell (index w // 2 inside the window); a grid side that is not a
+  multiple of w leaves the remainder rows/columns without queries (14 / 3 -> 4 x 4 = 16 queries).
+- Means are over all query tokens of all student views together (token-weighted).
+- VMR's p_bar: the other ranks' contribution enters as a constant (all-reduce has no gradient).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.methods.common import DistillationConfig, cross_entropy
+
+
+@dataclass
+class FlslConfig(DistillationConfig):
+    enabled: bool = False  # FLSL's three terms (needs the nested-crop recipe)
+    weight: float = 1.0  # multiplies FLSL's own weighted total
+    student_temp: float = 0.1  # tau_s
+    warmup_teacher_temp: float = 0.04  # tau_t at epoch 0
+    teacher_temp: float = 0.07  # tau_t after the warm-up
+    warmup_teacher_temp_epochs: float = 30.0  # warm-up length in epochs
+    center_momentum: float = 0.9  # unused: FLSL has no centring (kept for the shared schema)
+    ms_weight: float = 0.03  # weight of L_ms
+    km_weight: float = 1.0  # weight of L_km
+    vmr_weight: float = 5.0  # weight of the VMR regulariser
+    beta_scale: float = 0.1  # beta = beta_scale / sqrt(D) of the intra-view mean shift
+    beta_ca_scale: float = 0.2  # beta_ca = beta_ca_scale / sqrt(D) of the cross-view attention
+    global_window: int = 3  # one query token per w x w window on global views
+    local_window: int = 2  # ... and on local views
+    out_dim: int = 4096  # K prototypes of the FLSL head
+
+    def validate(self, prefix: str = "methods.flsl") -> None:
+        super().validate(prefix)
+        if min(self.global_window, self.local_window, self.out_dim) < 1:
+            raise ValueError(f"{prefix}.global_window/local_window/out_dim: must be >= 1")
+
+
+def window_query_index(grid: tuple[int, int], window: int, device=None) -> Tensor:
+    """Flat indices of the centre cell of every full window x window window of the grid -> [Nq]."""
+    height, width = grid
+    offset = window // 2
+    rows = torch.arange(height // window, device=device) * window + offset
+    cols = torch.arange(width // window, device=device) * window + offset
+    return (rows[:, None] * width + cols[None, :]).flatten()
+
+
+def mean_shift(queries: Tensor, tokens: Tensor, beta: float) -> Tensor:
+    """One mean-shift step: sum_j softmax_j(beta q_i . t_j) t_j. queries [B, N, D], tokens [B, P, D]."""
+    weights = torch.softmax(beta * queries.float() @ tokens.float().transpose(1, 2), dim=-1)  # [B, N, P]
+    return (weights @ tokens.float()).to(tokens.dtype)
+
+
+class FlslLoss(nn.Module):
+    """Reads student "flsl_queries", "flsl_shifted" [B, N, D] and "flsl_logits" [B, N, K]; teacher
+    "flsl_teacher_tokens" [B, P, D] and "flsl_teacher_logits" [B, P, K]."""
+
+    name = "flsl"
+
+    def __init__(self, cfg: FlslConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    def forward(self, student_out: dict, teacher_out: dict, views, state) -> dict[str, Tensor]:
+        cfg = self.cfg
+        queries, shifted = student_out["flsl_queries"].float(), student_out["flsl_shifted"].float()
+        student_logits = student_out["flsl_logits"]
+        teacher_tokens = teacher_out["flsl_teacher_tokens"].detach().float()
+        teacher_probs = torch.softmax(teacher_out["flsl_teacher_logits"].detach().float() / cfg.teacher_temperature(state.epoch), dim=-1)
+
+        ms = (2.0 - 2.0 * F.cosine_similarity(queries, shifted, dim=-1)).mean()
+        beta_ca = cfg.beta_ca_scale / math.sqrt(queries.shape[-1])
+        attention = torch.softmax(beta_ca * queries.detach() @ teacher_tokens.transpose(1, 2), dim=-1)  # [B, N, P]
+        targets = attention @ teacher_probs  # [B, N, K]
+        km = cross_entropy(targets, student_logits, cfg.student_temp).mean()
+
+        student_probs = torch.softmax(student_logits.float() / cfg.student_temp, dim=-1)
+        mean_probs = student_probs.reshape(-1, student_probs.shape[-1]).mean(dim=0)  # [K]
+        if dist.is_available() and dist.is_initialized():
+            global_mean = mean_probs.detach().clone()
+            dist.all_reduce(global_mean)
+            global_mean /= dist.get_world_size()
+            mean_probs = mean_probs + (global_mean - mean_probs.detach())
+        vmr = (mean_probs * torch.log(mean_probs.clamp_min(1e-12))).sum() + math.log(mean_probs.shape[0])
+
+        total = cfg.ms_weight * ms + cfg.km_weight * km + cfg.vmr_weight * vmr
+        return {"flsl": total, "flsl_ms": ms, "flsl_km": km, "flsl_vmr": vmr}

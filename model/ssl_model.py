@@ -1,0 +1,181 @@
+"""`SSLModel`: backbone + heads; turns a `Views` batch into the tensors the enabled losses read.
+
+The same class is the student and (deep-copied, EMA-updated by the trainer) the teacher; `role` says
+which views to run. One backbone call per crop size: all global crops together (with the ADCLR queries
+appended when ADCLR is on), all local crops together, and the RegionCL composites (a third call: they
+carry no queries). Views per role:
+
+| method    | student                                   | teacher                         |
+|-----------|-------------------------------------------|---------------------------------|
+| DINO      | all globals + locals                      | all globals                     |
+| ADCLR     | queries on all globals                    | queries on all globals          |
+| SelfPatch | all globals + locals                      | all globals + locals            |
+| RegionCL  | + `views.swap.canvas`                     | all globals (cls targets)       |
+| FLSL      | globals 1.. + locals                      | global 0 only                   |
+
+When only FLSL is on, the student skips global 0 and the teacher runs global 0 alone. The teacher copy
+should be in eval mode (`teacher.eval()`): DINO's teacher has no drop-path, and timm's DropPath follows
+`self.training`.
+
+Output keys (G' = global views the role runs, L = locals, B = batch, Q = queries, P = patches of a
+view, K = head dim, K_p = selfpatch.out_dim, K_f = flsl.out_dim, D = width):
+- "cls_logits" [G' (+ L for the student), B, K]: DINO head of the image-level token (final-norm cls;
+  with SelfPatch on, the aggregation module's pooling of the patches queried by the cls).
+  Student: when DINO is on. Teacher: when DINO or RegionCL is on.
+- "query_logits" [G', B, Q, K]: DINO head of the final-norm ADCLR query tokens.
+- "selfpatch_global_logits" [G', B, Pg, K_p], "selfpatch_local_logits" [L, B, Pl, K_p]: patch head of
+  each patch (student) / of the aggregation of its top-k grid neighbours (teacher).
+- "region_logits" [2, B, K] (student): DINO head of the final-normed mean of the composite's patch
+  tokens inside (0) and outside (1) the paste box.
+- FLSL student: "flsl_queries" [B, N, D] (one token per window, all student views concatenated),
+  "flsl_shifted" [B, N, D] (their mean-shifted tokens), "flsl_logits" [B, N, K_f] (head of shifted);
+  teacher: "flsl_teacher_tokens" [B, P, D], "flsl_teacher_logits" [B, P, K_f] (global crop 0).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from model.backbone import BackboneTokens, ModelConfig, build_backbone, forward_tokens
+from model.config import MethodsConfig
+from model.heads import DinoHead, NeighbourAggregator
+from model.methods.common import masked_mean
+from model.methods.flsl import mean_shift, window_query_index
+from model.methods.regioncl import paste_box_mask
+from model.methods.selfpatch import gather_neighbours, select_neighbours
+
+
+class SSLModel(nn.Module):
+    def __init__(self, model_cfg: ModelConfig, methods_cfg: MethodsConfig):
+        super().__init__()
+        model_cfg.validate()
+        methods_cfg.validate()
+        self.model_cfg, self.methods = model_cfg, methods_cfg
+        self.backbone = build_backbone(model_cfg)
+        dim = self.backbone.embed_dim
+        methods = methods_cfg
+        self.head = DinoHead(dim, methods.head) if (methods.dino.enabled or methods.adclr.enabled or methods.regioncl.enabled) else None
+        if methods.selfpatch.enabled:
+            self.patch_head = DinoHead(dim, methods.head, out_dim=methods.selfpatch.out_dim)
+            num_heads = self.backbone.blocks[0].attn.num_heads
+            self.aggregator = NeighbourAggregator(dim, num_heads, methods.selfpatch.num_blocks)
+        if methods.flsl.enabled:
+            self.flsl_head = DinoHead(dim, methods.head, out_dim=methods.flsl.out_dim)
+
+    @property
+    def patch_size(self) -> int:
+        return self.backbone.patch_embed.patch_size[0]
+
+    def features(self, images: Tensor) -> Tensor:
+        """Final-norm cls token of the backbone [N, D] (k-NN, linear probe, export)."""
+        return forward_tokens(self.backbone, images).cls
+
+    def forward(self, views, role: str) -> dict[str, Tensor]:
+        if role not in ("student", "teacher"):
+            raise ValueError(f"SSLModel.forward: role must be 'student' or 'teacher', got {role!r}")
+        teacher = role == "teacher"
+        methods = self.methods
+        global_index = self._global_views(views.num_globals, teacher)
+        run_locals = views.num_locals > 0 and (not teacher or methods.selfpatch.enabled)
+        queries = views.query_crops if methods.adclr.enabled and views.num_queries else None
+        if methods.adclr.enabled and queries is None:
+            raise ValueError("methods.adclr.enabled needs query crops: the recipe must set queries (Views.query_crops has Q = 0)")
+        global_crops = views.global_crops[global_index[0]:global_index[-1] + 1] if global_index else None  # a view, no copy
+        globals_out = self._encode(global_crops, queries) if global_index else None
+        locals_out = self._encode(views.local_crops, None) if run_locals else None
+
+        out: dict[str, Tensor] = {}
+        needs_cls = methods.dino.enabled or (teacher and methods.regioncl.enabled)  # RegionCL's targets
+        if needs_cls:
+            out["cls_logits"] = self._cls_logits(globals_out, None if teacher else locals_out)
+        if methods.adclr.enabled:
+            out["query_logits"] = self.head(globals_out.queries)  # [G', B, Q, K]
+        if methods.selfpatch.enabled:
+            out.update(self._selfpatch_logits(globals_out, locals_out, teacher))
+        if methods.regioncl.enabled and not teacher:
+            out["region_logits"] = self._region_logits(views)
+        if methods.flsl.enabled:
+            out.update(self._flsl_outputs(globals_out, locals_out, global_index, teacher))
+        return out
+
+    def _global_views(self, num_globals: int, teacher: bool) -> list[int]:
+        flsl_only = self.methods.enabled() == ["flsl"]
+        if flsl_only:
+            return [0] if teacher else list(range(1, num_globals))
+        return list(range(num_globals))
+
+    def _encode(self, crops: Tensor, queries: Tensor | None) -> BackboneTokens:
+        """crops [V, B, 3, H, W] (+ queries [B, Q, 3, p, p] for every view) -> tokens with [V, B, ...] dims."""
+        num_views, batch = crops.shape[:2]
+        if queries is not None:
+            if tuple(queries.shape[-2:]) != (self.patch_size, self.patch_size):
+                raise ValueError(f"Views.query_crops must be one patch ({self.patch_size} px) each, got "
+                                 f"{tuple(queries.shape[-2:])}: set the recipe's query size to the model's patch size")
+            queries = queries.unsqueeze(0).expand(num_views, -1, -1, -1, -1, -1).flatten(0, 1)
+        tokens = forward_tokens(self.backbone, crops.flatten(0, 1), queries, self.methods.adclr.queries_see_each_other)
+        unflat = lambda x: x.unflatten(0, (num_views, batch))  # noqa: E731
+        return BackboneTokens(unflat(tokens.cls), unflat(tokens.patches), unflat(tokens.queries), tokens.grid)
+
+    def _image_token(self, tokens: BackboneTokens) -> Tensor:
+        if self.methods.selfpatch.enabled:
+            pooled = self.aggregator(tokens.cls.flatten(0, 1), tokens.patches.flatten(0, 1))
+            return pooled.unflatten(0, tokens.cls.shape[:2])
+        return tokens.cls  # [V, B, D]
+
+    def _cls_logits(self, globals_out: BackboneTokens | None, locals_out: BackboneTokens | None) -> Tensor:
+        image_tokens = [self._image_token(group) for group in (globals_out, locals_out) if group is not None]
+        return self.head(torch.cat(image_tokens))  # [V, B, K]
+
+    def _selfpatch_logits(self, globals_out, locals_out, teacher: bool) -> dict[str, Tensor]:
+        out = {}
+        for key, group in (("selfpatch_global_logits", globals_out), ("selfpatch_local_logits", locals_out)):
+            if group is None:
+                continue
+            patches = group.patches  # [V, B, P, D]
+            if teacher:
+                flat = patches.flatten(0, 1)  # [N, P, D]
+                index, valid = select_neighbours(flat, group.grid, self.methods.selfpatch.num_neighbours)
+                neighbours = gather_neighbours(flat, index)  # [N, P, k, D]
+                query = group.cls.flatten(0, 1).repeat_interleave(flat.shape[1], dim=0)  # [N * P, D]
+                aggregated = self.aggregator(query, neighbours.flatten(0, 1), valid.flatten(0, 1))  # [N * P, D]
+                patches = aggregated.reshape(patches.shape)
+            out[key] = self.patch_head(patches)
+        return out
+
+    def _region_logits(self, views) -> Tensor:
+        swap = views.swap
+        if swap is None:
+            raise ValueError("methods.regioncl.enabled needs Views.swap: the recipe must enable the region swap")
+        tokens = forward_tokens(self.backbone, swap.canvas, final_norm=False)
+        inside = paste_box_mask(swap.paste_box, tokens.grid, self.patch_size)  # [B, P]
+        pooled = torch.stack([masked_mean(tokens.patches, inside), masked_mean(tokens.patches, ~inside)])  # [2, B, D]
+        return self.head(self.backbone.norm(pooled))
+
+    def _flsl_outputs(self, globals_out, locals_out, global_index: list[int], teacher: bool) -> dict[str, Tensor]:
+        cfg = self.methods.flsl
+        if teacher:
+            tokens = globals_out.patches[global_index.index(0)]  # [B, P, D]
+            return {"flsl_teacher_tokens": tokens, "flsl_teacher_logits": self.flsl_head(tokens)}
+        groups = []
+        if globals_out is not None:
+            student_globals = [i for i, g in enumerate(global_index) if g != 0]
+            if student_globals:
+                groups.append((globals_out.patches[student_globals], globals_out.grid, cfg.global_window))
+        if locals_out is not None:
+            groups.append((locals_out.patches, locals_out.grid, cfg.local_window))
+        if not groups:
+            raise ValueError("methods.flsl: the student needs global crops 1.. or local crops (recipe has neither)")
+        queries, shifted = [], []
+        for patches, grid, window in groups:  # patches [V, B, P, D]
+            index = window_query_index(grid, window, patches.device)
+            chosen = patches[:, :, index]  # [V, B, Nq, D]
+            beta = cfg.beta_scale / math.sqrt(patches.shape[-1])
+            moved = mean_shift(chosen.flatten(0, 1), patches.flatten(0, 1), beta).unflatten(0, chosen.shape[:2])
+            queries.append(chosen.transpose(0, 1).flatten(1, 2))  # [B, V * Nq, D]
+            shifted.append(moved.transpose(0, 1).flatten(1, 2))
+        queries, shifted = torch.cat(queries, dim=1), torch.cat(shifted, dim=1)
+        if queries.shape[1] == 0:
+            raise ValueError("methods.flsl.global_window/local_window: larger than the patch grids, no query tokens left")
+        return {"flsl_queries": queries, "flsl_shifted": shifted, "flsl_logits": self.flsl_head(shifted)}

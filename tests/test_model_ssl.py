@@ -1,0 +1,182 @@
+"""SSLModel + build_losses end to end on a tiny ViT: every method and their combination."""
+import copy
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from model import HeadConfig, LossState, MethodsConfig, ModelConfig, SSLModel, StepShape, build_losses, count_step_flops
+from pipeline.views import RegionSwap, Views
+
+torch.set_num_threads(1)
+BATCH, GLOBALS, LOCALS, QUERIES, PATCH = 4, 2, 2, 3, 8
+TINY = ModelConfig(arch="vit_tiny_patch16_224", embed_dim=64, depth=2, num_heads=2, patch_size=PATCH, img_size=32,
+                   drop_path_rate=0.0)
+COMBINATIONS = [["dino"], ["dino", "adclr"], ["dino", "selfpatch"], ["dino", "regioncl"], ["flsl"],
+                ["dino", "adclr", "selfpatch", "regioncl", "flsl"]]
+
+
+def make_views(seed=0, batch=BATCH, global_size=32, local_size=16):
+    generator = torch.Generator().manual_seed(seed)
+    randn = lambda *shape: torch.randn(*shape, generator=generator)  # noqa: E731
+    swap = RegionSwap(canvas=randn(batch, 3, global_size, global_size),
+                      paste_box=torch.tensor([[8, 8, 24, 24]] * batch), partner=torch.arange(batch).flip(0), view=0)
+    return Views(
+        global_crops=randn(GLOBALS, batch, 3, global_size, global_size),
+        local_crops=randn(LOCALS, batch, 3, local_size, local_size),
+        query_crops=randn(batch, QUERIES, 3, PATCH, PATCH),
+        global_boxes=torch.rand(GLOBALS, batch, 4, generator=generator),
+        local_boxes=torch.rand(LOCALS, batch, 4, generator=generator),
+        query_boxes=torch.rand(batch, QUERIES, 4, generator=generator),
+        index=torch.arange(batch), label=torch.zeros(batch, dtype=torch.int64), swap=swap,
+    ).validate()
+
+
+def methods_config(names, fixed_targets=False, **weights):
+    cfg = MethodsConfig(head=HeadConfig(out_dim=32, hidden_dim=64, bottleneck_dim=16))
+    for name in ("dino", "adclr", "selfpatch", "regioncl", "flsl"):
+        if fixed_targets:  # centres stay at 0 and tau_t is constant: the teacher's targets never move
+            getattr(cfg, name).center_momentum = 1.0
+            getattr(cfg, name).warmup_teacher_temp_epochs = 0.0
+    for name in ("dino", "adclr", "selfpatch", "regioncl", "flsl"):
+        getattr(cfg, name).enabled = name in names
+    cfg.selfpatch.out_dim, cfg.flsl.out_dim = 24, 20
+    for name, weight in weights.items():
+        getattr(cfg, name).weight = weight
+    return cfg
+
+
+def build(names, fixed_targets=False, **weights):
+    torch.manual_seed(0)
+    methods = methods_config(names, fixed_targets, **weights)
+    student = SSLModel(TINY, methods)
+    teacher = copy.deepcopy(student)  # parameters keep requires_grad: the losses alone must stop gradients
+    return student, teacher, build_losses(methods, TINY)
+
+
+@pytest.mark.parametrize("names", COMBINATIONS, ids=lambda names: "+".join(names))
+def test_forward_backward_every_method_and_combination(names):
+    student, teacher, losses = build(names)
+    views = make_views()
+    teacher_out = teacher(views, "teacher")
+    student_out = student(views, "student")
+    out = losses(student_out, teacher_out, views, LossState(epoch=0.5, step=5))
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"])
+    for name in names:
+        assert name in out and torch.isfinite(out[name])
+    missing = [n for n, p in student.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"parameters without gradient: {missing}"
+    assert all(p.grad is None for p in teacher.parameters()), "gradient reached the teacher"
+
+
+def test_output_shapes_follow_the_documented_keys():
+    student, teacher, _ = build(["dino", "adclr", "selfpatch", "regioncl", "flsl"])
+    views = make_views()
+    with torch.no_grad():
+        s, t = student(views, "student"), teacher(views, "teacher")
+    pg, pl = (32 // PATCH) ** 2, (16 // PATCH) ** 2
+    assert s["cls_logits"].shape == (GLOBALS + LOCALS, BATCH, 32) and t["cls_logits"].shape == (GLOBALS, BATCH, 32)
+    assert s["query_logits"].shape == t["query_logits"].shape == (GLOBALS, BATCH, QUERIES, 32)
+    assert s["selfpatch_global_logits"].shape == t["selfpatch_global_logits"].shape == (GLOBALS, BATCH, pg, 24)
+    assert s["selfpatch_local_logits"].shape == t["selfpatch_local_logits"].shape == (LOCALS, BATCH, pl, 24)
+    assert s["region_logits"].shape == (2, BATCH, 32) and "region_logits" not in t
+    assert s["flsl_queries"].shape == s["flsl_shifted"].shape == (BATCH, 1 + LOCALS, 64)  # 4x4 grid w=3: 1; 2x2 w=2: 1
+    assert s["flsl_logits"].shape == (BATCH, 1 + LOCALS, 20)
+    assert t["flsl_teacher_tokens"].shape == (BATCH, pg, 64) and t["flsl_teacher_logits"].shape == (BATCH, pg, 20)
+
+
+def test_weighted_combination_is_the_weighted_sum_of_parts():
+    student, teacher, losses = build(["dino", "adclr", "regioncl"], dino=0.5, adclr=2.0, regioncl=0.25)
+    views = make_views()
+    with torch.no_grad():
+        out = losses(student(views, "student"), teacher(views, "teacher"), views, LossState())
+    expected = 0.5 * out["dino"] + 2.0 * out["adclr"] + 0.25 * out["regioncl"]
+    torch.testing.assert_close(out["loss"], expected)
+    assert set(losses.teacher_temperatures(0.0)) == {"dino", "adclr", "regioncl"}
+    assert {"parts.dino.center", "parts.adclr.center", "parts.regioncl.center"} <= set(losses.state_dict())
+
+
+def test_features_is_the_final_norm_cls_and_last_layers_are_named():
+    student, _, _ = build(["dino", "selfpatch", "flsl"])
+    images = torch.randn(3, 3, 32, 32)
+    student.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(student.features(images), student.backbone.forward_features(images)[:, 0], rtol=0, atol=0)
+    names = [n for n, _ in student.named_parameters() if "last_layer" in n]
+    assert names == ["head.last_layer.weight", "patch_head.last_layer.weight", "flsl_head.last_layer.weight"]
+
+
+def test_missing_inputs_and_bad_configs_raise_clear_errors():
+    student, _, _ = build(["dino", "adclr"])
+    views = make_views()
+    no_queries = Views(**{**views.__dict__, "query_crops": torch.zeros(BATCH, 0, 3, PATCH, PATCH),
+                          "query_boxes": torch.zeros(BATCH, 0, 4)})
+    with pytest.raises(ValueError, match="methods.adclr"):
+        student(no_queries, "student")
+    with pytest.raises(ValueError, match="role"):
+        student(views, "critic")
+    with pytest.raises(ValueError, match="methods.selfpatch.enabled"):
+        methods_config(["selfpatch"]).validate()
+    with pytest.raises(ValueError, match="no method enabled"):
+        methods_config([]).validate()
+    with pytest.raises(ValueError, match="methods.dino.student_temp"):
+        cfg = methods_config(["dino"])
+        cfg.dino.student_temp = 0.0
+        cfg.validate()
+
+
+@pytest.mark.parametrize("names", COMBINATIONS, ids=lambda names: "+".join(names))
+def test_short_training_loop_drives_every_loss_down(names):
+    """Over-fitting check: a frozen teacher with frozen centres gives fixed targets on two fixed batches."""
+    student, teacher, losses = build(names, fixed_targets=True)
+    teacher.requires_grad_(False)
+    batches = [make_views(seed) for seed in range(2)]
+    optimizer = torch.optim.AdamW(student.parameters(), lr=2e-3, weight_decay=0.0)
+    history = []
+    for step in range(30):
+        views = batches[step % 2]
+        with torch.no_grad():
+            teacher_out = teacher(views, "teacher")
+        out = losses(student(views, "student"), teacher_out, views, LossState(epoch=step / 10, step=step))
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+        assert all(torch.isfinite(value) for value in out.values()), f"step {step}: {out}"
+        history.append({key: value.item() for key, value in out.items()})
+    for key in ["loss", *names]:
+        first = sum(h[key] for h in history[:4]) / 4
+        last = sum(h[key] for h in history[-4:]) / 4
+        assert last < 0.9 * first, f"{names}: {key} {first:.4f} -> {last:.4f}"
+
+
+@pytest.mark.parametrize("names", [["dino", "adclr", "regioncl"], ["dino", "selfpatch"], ["flsl"]],
+                         ids=lambda names: "+".join(names))
+def test_flop_count_matches_torch_flop_counter(names):
+    """FlopCounterMode does not count CPU SDPA kernels: run timm's attention as explicit matmuls."""
+    student, teacher, losses = build(names)
+    for module in [*student.modules(), *teacher.modules()]:
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
+    views = make_views(batch=2, global_size=64, local_size=32)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        with torch.no_grad():
+            teacher_out = teacher(views, "teacher")
+        out = losses(student(views, "student"), teacher_out, views, LossState())
+        out["loss"].backward()
+    measured = counter.get_total_flops() / 2
+    analytic = count_step_flops(TINY, methods_config(names), StepShape.from_views(views))
+    assert analytic == pytest.approx(measured, rel=0.02), f"analytic {analytic:.4g} vs measured {measured:.4g}"
+
+
+def test_flop_count_reads_the_pipeline_recipe():
+    from pipeline.recipe import ViewRecipe
+
+    recipe = ViewRecipe()
+    shape = StepShape((recipe.global_views.size,) * 2, recipe.global_views.count, (recipe.local_views.size,) * 2,
+                      recipe.local_views.count, recipe.queries.count, recipe.swap.enabled)
+    methods = MethodsConfig()
+    assert count_step_flops(ModelConfig(), methods, recipe) == count_step_flops(ModelConfig(), methods, shape)
+    # ViT-S/16, DINO 2 x 224 + 10 x 96: about 3 x 35 + 18.6 GFLOPs per image (3x student fwd + teacher fwd)
+    assert 115e9 < count_step_flops(ModelConfig(), methods, recipe) < 130e9
