@@ -1,0 +1,119 @@
+"""The `preprocess` command: build-ffcv, inspect, verify.
+
+Exit codes: 0 success; 1 the work ran but failed (nothing written, records failing verify);
+2 bad input (missing/empty source, existing output without --overwrite, unwritable output,
+invalid .beton, bad option); 130 Ctrl-C; 143 SIGTERM. SIGTERM is turned into an exception so the
+partial files are removed, as for Ctrl-C.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+
+from preprocess.beton import BetonError
+from preprocess.build import TOOL_VERSION, BuildError, NothingWrittenError, build_ffcv
+from preprocess.check import format_inspection, inspect_beton, verify_beton
+from preprocess.sources import SourceError
+
+logger = logging.getLogger("preprocess")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="preprocess", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"densessl preprocess {TOOL_VERSION}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    build = commands.add_parser("build-ffcv", help="ImageFolder / CSV-TSV list / IDX -> .beton + manifest")
+    build.add_argument("source", help="ImageFolder root, a .csv/.tsv list of path,label, or an IDX folder/file")
+    build.add_argument("out", help="output file, must end in .beton (X.manifest.json and X.skipped.tsv go beside it)")
+    build.add_argument("--source-kind", default="auto", choices=["auto", "imagefolder", "filelist", "idx"],
+                       help="how to read SOURCE (default: auto)")
+    build.add_argument("--split", default="train", choices=["train", "test"],
+                       help="IDX folders: train-* or t10k-* files (default: train)")
+    build.add_argument("--workers", type=int, default=1, help="decode/encode processes (default: 1)")
+    build.add_argument("--max-resolution", type=int, default=None, metavar="PIXELS",
+                       help="shrink images whose --resize-side side is longer (default: keep sizes)")
+    build.add_argument("--resize-side", default="long", choices=["long", "short"],
+                       help="side limited by --max-resolution (default: long)")
+    build.add_argument("--jpeg-quality", type=int, default=90, help="quality of re-encoded JPEGs, 1-95 (default: 90)")
+    build.add_argument("--overwrite", action="store_true", help="replace an existing OUT and its manifest")
+    progress = build.add_mutually_exclusive_group()
+    progress.add_argument("--progress", dest="progress", action="store_true", default=None,
+                          help="show a progress bar (default: only on a terminal)")
+    progress.add_argument("--no-progress", dest="progress", action="store_false")
+
+    inspect = commands.add_parser("inspect", help="counts, classes, size histogram, bytes per image")
+    inspect.add_argument("beton")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    verify = commands.add_parser("verify", help="decode every record; exit 1 on any failure")
+    verify.add_argument("beton")
+    verify.add_argument("--workers", type=int, default=1, help="decoding processes (default: 1)")
+    return parser
+
+
+def run_build(args: argparse.Namespace) -> int:
+    show_progress = sys.stderr.isatty() if args.progress is None else args.progress
+    report = build_ffcv(args.source, args.out, workers=args.workers, max_resolution=args.max_resolution,
+                        resize_side=args.resize_side, jpeg_quality=args.jpeg_quality,
+                        overwrite=args.overwrite, source_kind=args.source_kind, split=args.split,
+                        show_progress=show_progress)
+    print(report.summary())
+    for name, reason in report.skipped[:10]:
+        print(f"  skipped {name}: {reason}")
+    if report.num_skipped > 10:
+        print(f"  ... {report.num_skipped - 10} more in {report.skipped_path}")
+    return 0
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    info = inspect_beton(args.beton)
+    print(json.dumps(info, indent=2) if args.json else format_inspection(info))
+    return 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    report = verify_beton(args.beton, workers=args.workers)
+    for index, reason in report.failures:
+        print(f"record {index}: {reason}")
+    for error in report.dataset_errors:
+        print(f"dataset: {error}")
+    bad = len(report.failures)
+    print(f"{args.beton}: {report.num_checked - bad} of {report.num_checked} records OK")
+    if not report.ok:
+        listed = ", ".join(str(index) for index, _ in report.failures[:20]) + (" ..." if bad > 20 else "")
+        print(f"FAILED: {bad} records ({listed}); {len(report.dataset_errors)} dataset errors")
+    return 0 if report.ok else 1
+
+
+def _raise_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm) if in_main_thread else None
+    commands = {"build-ffcv": run_build, "inspect": run_inspect, "verify": run_verify}
+    try:
+        return commands[args.command](args)
+    except KeyboardInterrupt:
+        print("preprocess: interrupted; partial output removed", file=sys.stderr)
+        return 130
+    except NothingWrittenError as error:
+        print(f"preprocess: error: {error}", file=sys.stderr)
+        return 1
+    except (BuildError, SourceError, BetonError, ValueError) as error:
+        print(f"preprocess: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # e.g. the disk filled up while writing
+        print(f"preprocess: error: {error}", file=sys.stderr)
+        return 1
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)

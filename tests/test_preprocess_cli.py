@@ -1,0 +1,131 @@
+"""preprocess CLI and failure handling: interrupted builds leave nothing valid-looking; clear errors."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import imagefactory
+import preprocess.build
+from preprocess.beton import open_beton
+from preprocess.build import BuildError, NothingWrittenError, build_ffcv
+from preprocess.cli import main
+from preprocess.sources import SourceError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def fail_on_call(number: int, error: BaseException):
+    """A `store_item` that raises `error` on its `number`-th call."""
+    original, calls = preprocess.build.store_item, []
+
+    def store_item(item, options):
+        calls.append(item)
+        if len(calls) == number:
+            raise error
+        return original(item, options)
+    return store_item
+
+
+@pytest.mark.parametrize("error", [RuntimeError("disk on fire"), KeyboardInterrupt()])
+def test_interrupted_build_leaves_no_output(tmp_path, monkeypatch, error):
+    imagefactory.make_image_folder(tmp_path / "src", num_classes=2, per_class=4)
+    monkeypatch.setattr(preprocess.build, "store_item", fail_on_call(5, error))
+    with pytest.raises(type(error)):
+        build_ffcv(tmp_path / "src", tmp_path / "out" / "set.beton")
+    assert list((tmp_path / "out").iterdir()) == []  # no .beton, no manifest, no partial files
+
+
+def test_interrupted_overwrite_keeps_the_old_dataset(tmp_path, monkeypatch):
+    imagefactory.make_image_folder(tmp_path / "src", num_classes=2, per_class=4)
+    build_ffcv(tmp_path / "src", tmp_path / "set.beton")
+    before = (tmp_path / "set.beton").read_bytes()
+    monkeypatch.setattr(preprocess.build, "store_item", fail_on_call(3, RuntimeError("stop")))
+    with pytest.raises(RuntimeError):
+        build_ffcv(tmp_path / "src", tmp_path / "set.beton", overwrite=True, max_resolution=20)
+    assert (tmp_path / "set.beton").read_bytes() == before and len(open_beton(tmp_path / "set.beton")) == 8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set.beton", "set.manifest.json", "set.skipped.tsv", "src"]
+
+
+@pytest.mark.parametrize("workers, signal_number", [(1, signal.SIGTERM), (2, signal.SIGTERM), (2, signal.SIGINT)])
+def test_signal_during_build_removes_partial_files(tmp_path, workers, signal_number):
+    imagefactory.make_image_folder(tmp_path / "src", num_classes=2, per_class=20)
+    script = textwrap.dedent(f"""
+        import time, preprocess.build, preprocess.cli
+        original = preprocess.build.store_item
+        def slow(item, options):
+            time.sleep(0.05)
+            return original(item, options)
+        preprocess.build.store_item = slow
+        arguments = ["build-ffcv", "{tmp_path / 'src'}", "{tmp_path / 'out' / 'x.beton'}", "--workers", "{workers}"]
+        raise SystemExit(preprocess.cli.main(arguments))
+    """)
+    child = subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
+    deadline = time.monotonic() + 20
+    while not list((tmp_path / "out").glob("x.beton.partial-*")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert child.poll() is None, "the build finished before it could be interrupted"
+    child.send_signal(signal_number)
+    assert child.wait(timeout=20) == 128 + signal_number
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_errors_name_the_problem(tmp_path):
+    imagefactory.make_image_folder(tmp_path / "src", num_classes=1, per_class=2)
+    with pytest.raises(SourceError, match="does not exist"):
+        build_ffcv(tmp_path / "nowhere", tmp_path / "a.beton")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceError, match="no images found"):
+        build_ffcv(tmp_path / "empty", tmp_path / "a.beton")
+    (tmp_path / "not_images" / "c").mkdir(parents=True)
+    (tmp_path / "not_images" / "c" / "a.txt").write_text("x")
+    with pytest.raises(SourceError, match="no images found.*1 files rejected"):
+        build_ffcv(tmp_path / "not_images", tmp_path / "a.beton")
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(BuildError, match="cannot create its folder"):
+        build_ffcv(tmp_path / "src", tmp_path / "a_file" / "a.beton")
+    with pytest.raises(BuildError, match="must end in .beton"):
+        build_ffcv(tmp_path / "src", tmp_path / "a.ffcv")
+    with pytest.raises(ValueError, match="jpeg_quality"):
+        build_ffcv(tmp_path / "src", tmp_path / "a.beton", jpeg_quality=0)
+    build_ffcv(tmp_path / "src", tmp_path / "a.beton")
+    with pytest.raises(BuildError, match="already exists; pass --overwrite"):
+        build_ffcv(tmp_path / "src", tmp_path / "a.beton")
+    assert build_ffcv(tmp_path / "src", tmp_path / "a.beton", overwrite=True).num_written == 2
+
+
+def test_nothing_written_is_an_error_with_a_report(tmp_path):
+    (tmp_path / "src" / "c").mkdir(parents=True)
+    (tmp_path / "src" / "c" / "a.jpg").write_bytes(b"")
+    (tmp_path / "src" / "c" / "b.png").write_bytes(b"garbage")
+    with pytest.raises(NothingWrittenError, match="all 2 inputs were skipped"):
+        build_ffcv(tmp_path / "src", tmp_path / "x.beton")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src", "x.skipped.tsv"]
+    assert len((tmp_path / "x.skipped.tsv").read_text().splitlines()) == 3
+
+
+def test_cli_build_summary_and_exit_codes(tmp_path, capsys):
+    imagefactory.make_image_folder(tmp_path / "src", num_classes=2, per_class=2)
+    (tmp_path / "src" / "class_0" / "zero.jpg").write_bytes(b"")
+    out = str(tmp_path / "set.beton")
+    assert main(["build-ffcv", str(tmp_path / "src"), out, "--workers", "2", "--max-resolution", "32",
+                 "--jpeg-quality", "85", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "written 4, skipped 1" in printed and "images/s" in printed and "zero.jpg: empty file" in printed
+    assert open_beton(out).manifest["options"]["jpeg_quality"] == 85
+    assert main(["build-ffcv", str(tmp_path / "src"), out]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["build-ffcv", str(tmp_path / "missing"), str(tmp_path / "b.beton")]) == 2
+    assert main(["verify", str(tmp_path / "missing.beton")]) == 2
+    (tmp_path / "bad" / "c").mkdir(parents=True)
+    (tmp_path / "bad" / "c" / "a.jpg").write_bytes(b"x")
+    assert main(["build-ffcv", str(tmp_path / "bad"), str(tmp_path / "c.beton")]) == 1
+    result = subprocess.run([sys.executable, "-m", "preprocess", "inspect", out], cwd=REPO,
+                            capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 0 and "4 images" in result.stdout
