@@ -1,0 +1,89 @@
+"""ViewRecipe: presets carry METHODS.md's settings; invalid recipes fail naming the field."""
+import dataclasses
+
+import pytest
+
+from pipeline.recipe import PRESET_NAMES, CropSpec, QuerySpec, SwapSpec, ViewRecipe, recipe_preset
+
+
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_every_preset_is_valid_at_vit16_sizes(name):
+    recipe = recipe_preset(name)
+    assert recipe.validate() is recipe
+    assert (recipe.global_views.size, recipe.local_views.size, recipe.patch_size) == (224, 96, 16)
+
+
+def test_dino_preset_matches_data_augmentation_dino():
+    recipe = recipe_preset("dino")
+    assert (recipe.global_views.count, recipe.local_views.count) == (2, 10)
+    assert recipe.local_views.scale == (0.05, 0.4) and recipe.interpolation == "bicubic"
+    augment = recipe.global_augment
+    assert (augment.flip_p, augment.jitter_p, augment.grayscale_p) == (0.5, 0.8, 0.2)
+    assert (augment.brightness, augment.contrast, augment.saturation, augment.hue) == (0.4, 0.4, 0.2, 0.1)
+    assert augment.blur_p == (1.0, 0.1) and augment.solarize_p == (0.0, 0.2) and augment.blur_sigma == (0.1, 2.0)
+    assert recipe.local_augment.blur_p == (0.5,) and recipe.local_augment.solarize_p == (0.0,)
+    assert recipe.queries.count == 0 and not recipe.swap.enabled and not recipe.nested
+
+
+def test_method_presets():
+    adclr = recipe_preset("adclr")
+    assert (adclr.queries.count, adclr.queries.size, adclr.queries.scale) == (10, 16, (0.01, 0.05))
+    assert adclr.queries.augment.flip_p == 0.0 and adclr.queries.augment.solarize_p == (0.0,)
+    assert adclr.queries.augment.blur_p == (0.5,) and adclr.global_views.scale == (0.25, 1.0)
+    selfpatch = recipe_preset("selfpatch")
+    assert (selfpatch.local_views.count, selfpatch.local_views.scale) == (8, (0.05, 0.25))
+    regioncl = recipe_preset("regioncl")
+    assert regioncl.swap == SwapSpec(enabled=True, min_patches=6, max_patches=10, partner="reverse", view=0)
+    flsl = recipe_preset("flsl")
+    assert flsl.nested and flsl.global_views.scale == (0.8, 1.0) and flsl.nested_global_scale == (0.5, 1.0)
+    assert flsl.local_views.count == 2 and flsl.global_augment.flip_p == 0.0 and flsl.local_augment.flip_p == 0.0
+
+
+def test_scaled_shrinks_sizes_and_swap_range():
+    recipe = recipe_preset("regioncl").scaled(global_size=32, local_size=16, patch_size=8).validate()
+    assert (recipe.global_views.size, recipe.local_views.size, recipe.patch_size, recipe.queries.size) == (32, 16, 8, 8)
+    assert 1 <= recipe.swap.min_patches <= recipe.swap.max_patches <= 4
+
+
+def test_unknown_preset_names_the_choices():
+    with pytest.raises(ValueError, match="unknown; choose one of dino, adclr"):
+        recipe_preset("mae")
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (lambda r: dataclasses.replace(r, local_views=CropSpec(count=-1)), "recipe.local_views.count"),
+        (lambda r: dataclasses.replace(r, global_views=CropSpec(count=0)), "recipe.global_views.count"),
+        (lambda r: dataclasses.replace(r, global_views=CropSpec(scale=(0.0, 1.0))), "recipe.global_views.scale"),
+        (lambda r: dataclasses.replace(r, local_views=CropSpec(count=2, scale=(0.5, 1.2))), "recipe.local_views.scale"),
+        (lambda r: dataclasses.replace(r, local_views=CropSpec(count=2, scale=(0.5, 0.2))), "recipe.local_views.scale"),
+        (lambda r: dataclasses.replace(r, local_views=CropSpec(count=2, ratio=(-1.0, 2.0))), "recipe.local_views.ratio"),
+        (lambda r: dataclasses.replace(r, queries=QuerySpec(count=4, size=8)), "recipe.queries.size"),
+        (lambda r: dataclasses.replace(r, queries=QuerySpec(count=-2)), "recipe.queries.count"),
+        (lambda r: dataclasses.replace(r, queries=QuerySpec(count=2, scale=(0.01, 2.0))), "recipe.queries.scale"),
+        (lambda r: dataclasses.replace(r, swap=SwapSpec(enabled=True, max_patches=15)), "recipe.swap.min_patches/max_patches"),
+        (lambda r: dataclasses.replace(r, swap=SwapSpec(enabled=True, partner="random")), "recipe.swap.partner"),
+        (lambda r: dataclasses.replace(r, swap=SwapSpec(enabled=True, view=2)), "recipe.swap.view"),
+        (lambda r: dataclasses.replace(r, interpolation="nearest"), "recipe.interpolation"),
+        (lambda r: dataclasses.replace(r, std=(0.2, 0.0, 0.2)), "recipe.std"),
+        (lambda r: dataclasses.replace(r, nested_global_scale=(0.0, 1.0)), "recipe.nested_global_scale"),
+        (
+            lambda r: dataclasses.replace(r, global_augment=dataclasses.replace(r.global_augment, blur_p=(1.0, 0.1, 0.5))),
+            "recipe.global_augment.blur_p",
+        ),
+        (
+            lambda r: dataclasses.replace(r, local_augment=dataclasses.replace(r.local_augment, grayscale_p=1.5)),
+            "recipe.local_augment.grayscale_p",
+        ),
+        (
+            lambda r: dataclasses.replace(r, local_augment=dataclasses.replace(r.local_augment, hue=0.7)),
+            "recipe.local_augment.hue",
+        ),
+    ],
+)
+def test_invalid_recipe_fails_naming_the_field(change, field):
+    recipe = change(ViewRecipe())
+    with pytest.raises(ValueError) as error:
+        recipe.validate()
+    assert str(error.value).startswith(field + ":") or str(error.value).startswith(field + " "), str(error.value)
