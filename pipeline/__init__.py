@@ -1,0 +1,19 @@
+"""densessl's data pipeline: `.beton` / image folder -> `Views` on the training device.
+
+    from pipeline.loader import DataConfig, build_loader, build_eval_loader
+    from pipeline.recipe import recipe_preset
+
+    loader = build_loader(DataConfig(path="data/train.beton", backend="dali", batch_size=256),
+                          recipe_preset("adclr"), device="cuda", rank=rank, world_size=world_size, seed=0)
+    for epoch in range(start_epoch, epochs):
+        loader.set_epoch(epoch)
+        for views in loader:   # pipeline.views.Views
+            ...
+
+Modules: `views` (the batch contract), `recipe`, `geometry`, `engine` (stage 2, batched torch views),
+`loader` (order, sharding, resume), `backends` (stage 1: dali, ffcv, reference, dali_ops), `bench`,
+`show`. Nothing is imported here eagerly: DALI and FFCV take seconds to import.
+"""
+from pipeline.views import DecodedBatch, RegionSwap, Views
+
+__all__ = ["DecodedBatch", "RegionSwap", "Views"]

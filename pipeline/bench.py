@@ -1,0 +1,221 @@
+"""`python -m pipeline.bench`: data-loader throughput of one backend, or two side by side (`--vs`).
+
+    python -m pipeline.bench --backend dali --device cuda --data X.beton --recipe adclr \\
+        --batch-size 256 --seconds 60 --workers 8 --vs reference --json out.json [--profile]
+
+Builds the loader(s) exactly as training does (`build_loader`; `dali-ops` = the op-per-view DALI
+baseline), runs `--warmup-batches` per backend, then measures for `--seconds`. With `--vs`, the two
+backends take turns in one process (`--segment-batches` measured batches each), so both see the same
+machine load; each turn first drains, unmeasured, what its backend finished in the background during
+the other's turn (reference workers, decode prefetch). The ratio of their images/s is printed.
+
+Reported per backend: images/s, views/s (crops per second: globals + locals + queries + swap
+composites), ms per batch (p50/p90, the wall time of `next()`, with a CUDA sync), batches; for the
+run: CPU utilization (cores busy: CPU seconds of this process and its workers / wall seconds) and
+peak GPU memory.
+
+`--profile` decodes synchronously (no prefetch thread) and splits the time of each batch into read /
+decode / views / transfer (CUDA-synchronized at each boundary, so it slows the run); for the
+reference and dali-ops the workers' work is one block, "workers".
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import psutil
+import torch
+
+from pipeline.loader import DataConfig, ViewsLoader, build_loader
+from pipeline.recipe import recipe_preset
+
+logger = logging.getLogger(__name__)
+BENCH_BACKENDS = ("dali", "ffcv", "reference", "dali-ops")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--backend", choices=BENCH_BACKENDS, default="dali", help="loader to measure")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where decode and views run")
+    parser.add_argument("--data", required=True, help="a .beton file or an image folder")
+    parser.add_argument("--recipe", default="adclr", help="view recipe preset: dino|adclr|selfpatch|regioncl|flsl")
+    parser.add_argument("--swap", action="store_true", help="also make RegionCL swaps (e.g. 'ADCLR + swaps')")
+    parser.add_argument("--tiny", action="store_true", help="shrink the recipe to 32/16/8 px crops/patches (smoke tests)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per batch")
+    parser.add_argument("--seconds", type=float, default=30.0, help="measured seconds (after warm-up), all backends together")
+    parser.add_argument("--warmup-batches", type=int, default=2, help="batches per backend before measuring")
+    parser.add_argument("--workers", type=int, default=psutil.cpu_count() or 1,
+                        help="DALI/FFCV decode threads, or reference DataLoader worker processes")
+    parser.add_argument("--canvas-size", type=int, default=512, help="decoded canvas side in pixels (dali/ffcv)")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="dtype of the views")
+    parser.add_argument("--segment-batches", type=int, default=4,
+                        help="with --vs: measured batches per backend per turn (after draining its work made ahead)")
+    parser.add_argument("--vs", choices=BENCH_BACKENDS, default=None, help="second backend, run alternately; prints the ratio")
+    parser.add_argument("--profile", action="store_true", help="split time per batch into read/decode/views/transfer")
+    parser.add_argument("--seed", type=int, default=0, help="order and views seed")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    return parser.parse_args(argv)
+
+
+@dataclass
+class Runner:
+    """One backend under measurement: an endless iterator of Views and its timings."""
+
+    name: str
+    loader: ViewsLoader
+    crops_per_image: int
+    ahead: int  # batches this backend can finish in the background while the other one is measured
+    batch_seconds: list = field(default_factory=list)
+    images: int = 0
+    stages: dict = field(default_factory=dict)
+    iterator: object = None
+
+    def next_batch(self, device: torch.device) -> tuple[float, int]:
+        """(wall seconds of one `next()`, images in the batch)."""
+        if self.iterator is None:
+            self.iterator = self._endless()
+        start = time.perf_counter()
+        views = next(self.iterator)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # CPU-GPU sync here: the batch must really be ready
+        return time.perf_counter() - start, views.batch_size
+
+    def measured_batch(self, device: torch.device) -> None:
+        seconds, images = self.next_batch(device)
+        self.batch_seconds.append(seconds)
+        self.images += images
+
+    def _endless(self):
+        while True:
+            yield from self.loader
+
+
+def build_runner(name: str, args: argparse.Namespace, device: torch.device) -> Runner:
+    recipe = recipe_preset(args.recipe)
+    if args.tiny:
+        recipe = recipe.scaled(global_size=32, local_size=16, patch_size=8)
+    if args.swap:
+        recipe = dataclasses.replace(recipe, swap=dataclasses.replace(recipe.swap, enabled=True)).validate()
+    data = DataConfig(path=args.data, backend="reference" if name == "dali-ops" else name, batch_size=args.batch_size,
+                      workers=args.workers, canvas_size=args.canvas_size, dtype=args.dtype,
+                      prefetch=0 if args.profile else 2)
+    loader = build_loader(data, recipe, device=device, seed=args.seed)
+    if name == "dali-ops":  # the same loader (order, transfer), the op-per-view DALI graph as its stage
+        from pipeline.backends.dali_ops import DaliOpsViews
+
+        loader.stage_one = DaliOpsViews(loader.source, recipe, args.batch_size, args.workers, device, args.dtype, args.seed)
+    crops = recipe.global_views.count + recipe.local_views.count + recipe.queries.count + int(recipe.swap.enabled)
+    # reference: its DataLoader workers keep 2 finished batches each; dali/ffcv: decoded canvases only
+    ahead = 2 * args.workers if name == "reference" else (0 if name == "dali-ops" else data.prefetch + 1)
+    runner = Runner(name, loader, crops, ahead)
+    if args.profile:
+        loader.timings = runner.stages
+        loader.stage_one.timings = runner.stages
+    return runner
+
+
+def measure(runners: list[Runner], args: argparse.Namespace, device: torch.device) -> dict:
+    """Warm up, then rounds of `--segment-batches` measured batches per backend until `--seconds`.
+
+    With two backends, each segment first drains (unmeasured) the batches its backend finished in the
+    background during the other's segment, so neither is credited with work done in the other's time.
+    """
+    for runner in runners:  # warm-up: compile, build pipelines, fill the caches
+        for _ in range(args.warmup_batches):
+            runner.next_batch(device)
+        runner.stages.clear()  # the same dict the loader fills: clear, do not replace
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    process = psutil.Process()
+    cpu_start, wall_start = _cpu_seconds(process), time.perf_counter()
+    while time.perf_counter() - wall_start < args.seconds:
+        for runner in runners:
+            stages_before = dict(runner.stages)
+            for _ in range(runner.ahead if len(runners) > 1 else 0):
+                runner.next_batch(device)
+            runner.stages.clear()  # drained batches do not count in the profile either
+            runner.stages.update(stages_before)
+            for _ in range(args.segment_batches):
+                runner.measured_batch(device)
+    wall = time.perf_counter() - wall_start
+    cpu = _cpu_seconds(process) - cpu_start
+    results = {"backends": [_summary(r) for r in runners], "wall_seconds": wall,
+               "cpu_cores_busy": cpu / wall, "cpu_count": psutil.cpu_count(),
+               "gpu_peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+    if len(runners) == 2:
+        results["ratio"] = results["backends"][0]["images_per_s"] / results["backends"][1]["images_per_s"]
+    return results
+
+
+def _cpu_seconds(process: psutil.Process) -> float:
+    """User + system CPU seconds of this process, its finished children and its live children."""
+    times = process.cpu_times()
+    total = times.user + times.system + times.children_user + times.children_system
+    for child in process.children(recursive=True):
+        try:
+            child_times = child.cpu_times()
+            total += child_times.user + child_times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def _summary(runner: Runner) -> dict:
+    seconds = np.array(runner.batch_seconds)
+    images_per_s = runner.images / seconds.sum()
+    summary = {"backend": runner.name, "batches": len(seconds), "images": runner.images,
+               "images_per_s": images_per_s, "views_per_s": images_per_s * runner.crops_per_image,
+               "ms_per_batch_p50": 1000 * float(np.percentile(seconds, 50)),
+               "ms_per_batch_p90": 1000 * float(np.percentile(seconds, 90))}
+    if runner.stages:
+        accounted = sum(runner.stages.values())
+        stages = dict(runner.stages)
+        stages["workers" if runner.loader.engine is None else "other"] = max(0.0, seconds.sum() - accounted)
+        summary["ms_per_batch_by_stage"] = {k: 1000 * v / len(seconds) for k, v in stages.items()}
+    return summary
+
+
+def print_table(results: dict, args: argparse.Namespace) -> None:
+    print(f"recipe {args.recipe}{' + swap' if args.swap else ''}, device {args.device}, batch {args.batch_size}, "
+          f"workers {args.workers}, canvas {args.canvas_size}, {results['wall_seconds']:.1f} s measured")
+    print(f"{'backend':<10} {'images/s':>9} {'views/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'batches':>7}")
+    for row in results["backends"]:
+        print(f"{row['backend']:<10} {row['images_per_s']:>9.1f} {row['views_per_s']:>9.0f} "
+              f"{row['ms_per_batch_p50']:>8.1f} {row['ms_per_batch_p90']:>8.1f} {row['batches']:>7}")
+        if "ms_per_batch_by_stage" in row:
+            parts = ", ".join(f"{k} {v:.1f}" for k, v in row["ms_per_batch_by_stage"].items())
+            print(f"{'':<10} ms per batch: {parts}")
+    if "ratio" in results:
+        first, second = (row["backend"] for row in results["backends"])
+        print(f"ratio {first} / {second}: {results['ratio']:.2f}x")
+    memory = results["gpu_peak_memory_gib"]
+    print(f"CPU: {results['cpu_cores_busy']:.2f} of {results['cpu_count']} cores busy; "
+          f"GPU peak memory: {'n/a' if memory is None else f'{memory:.2f} GiB'}")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here; use --device cpu")
+    device = torch.device(args.device)
+    names = [args.backend] + ([args.vs] if args.vs else [])
+    runners = [build_runner(name, args, device) for name in names]
+    results = measure(runners, args, device)
+    results["args"] = vars(args)
+    print_table(results, args)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,267 @@
+"""Stage-1 backends: decoded canvases match PIL, extents follow the size rule, bad records are counted.
+
+Tiny real JPEGs from `imagefactory` (colour encodes the index); `.beton` files from the preprocess
+package's `build_ffcv`. DALI pipelines and FFCV loaders are slow to build: one per module (fixtures).
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import imagefactory
+from pipeline.backends.canvas import canvas_extent, decoded_batch
+from pipeline.backends.source import open_source
+
+CPU = torch.device("cpu")
+NUM_IMAGES = 12  # 3 classes x 4; sizes cycle (48, 64), (64, 48), (56, 56)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("folder")
+    imagefactory.make_image_folder(root, num_classes=3, per_class=4)
+    return root
+
+
+@pytest.fixture(scope="module")
+def beton(folder, tmp_path_factory):
+    from preprocess.build import build_ffcv
+
+    path = tmp_path_factory.mktemp("beton") / "tiny.beton"
+    build_ffcv(folder, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def broken_folder(folder, tmp_path_factory):
+    """The tiny folder plus, in a last class, one garbage file and one truncated JPEG (indices 12, 13)."""
+    root = tmp_path_factory.mktemp("broken")
+    shutil.copytree(folder, root, dirs_exist_ok=True)
+    (root / "class_9").mkdir()
+    (root / "class_9" / "a_garbage.jpg").write_bytes(b"this is not an image" * 10)
+    good = (folder / "class_0" / "img_000.jpg").read_bytes()
+    (root / "class_9" / "b_truncated.jpg").write_bytes(good[: len(good) // 2])
+    return root
+
+
+@pytest.fixture(scope="module")
+def broken_beton(beton, tmp_path_factory):
+    """A copy of the tiny .beton whose record 5 has its JPEG start marker overwritten."""
+    from preprocess.beton import open_beton
+
+    path = tmp_path_factory.mktemp("broken_beton") / "tiny.beton"
+    shutil.copy(beton, path)
+    shutil.copy(beton.with_suffix(".manifest.json"), path.with_suffix(".manifest.json"))
+    record = open_beton(path).jpeg_bytes(5).tobytes()
+    data = bytearray(path.read_bytes())
+    offset = data.find(record)
+    data[offset:offset + 4] = b"\0\0\0\0"
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def dali_decoder(folder):
+    from pipeline.backends.dali import DaliCanvasDecoder
+
+    return DaliCanvasDecoder(open_source(folder), batch_size=8, canvas_size=64, threads=1, device=CPU)
+
+
+def pil_pixels(source, index: int) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(source.encoded(index).tobytes())).convert("RGB"))
+
+
+def check_against_pil(batch, source, tolerance_mean: float, tolerance_max: int) -> None:
+    """Each image's canvas region equals PIL's decode within JPEG tolerance; the padding is zero."""
+    for i in range(batch.batch_size):
+        index = int(batch.index[i])
+        expected = pil_pixels(source, index)
+        height, width = batch.extent[i].tolist()
+        assert (height, width) == expected.shape[:2]
+        region = batch.canvas[i, :height, :width].numpy().astype(np.int32)
+        difference = np.abs(region - expected.astype(np.int32))
+        assert difference.mean() <= tolerance_mean and difference.max() <= tolerance_max, (index, difference.max())
+        assert batch.canvas[i, height:].sum() == 0 and batch.canvas[i, :, width:].sum() == 0
+        assert int(batch.label[i]) == int(source.labels[index])
+
+
+def test_canvas_extent_shrinks_long_side_only():
+    assert canvas_extent(48, 64, 512) == (48, 64)
+    assert canvas_extent(48, 64, 32) == (24, 32)
+    assert canvas_extent(375, 500, 256) == (192, 256)
+    assert canvas_extent(1000, 3, 100) == (100, 1)  # never below one pixel
+
+
+def test_missing_path_and_empty_dataset_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        open_source(tmp_path / "nope.beton")
+    (tmp_path / "empty" / "class_0").mkdir(parents=True)
+    with pytest.raises(ValueError, match="holds no images"):
+        open_source(tmp_path / "empty")
+    (tmp_path / "data.txt").write_text("x")
+    with pytest.raises(ValueError, match="neither a directory nor a .beton"):
+        open_source(tmp_path / "data.txt")
+
+
+def test_folder_and_beton_sources_agree(folder, beton):
+    from_folder, from_beton = open_source(folder), open_source(beton)
+    assert len(from_folder) == len(from_beton) == NUM_IMAGES
+    np.testing.assert_array_equal(from_folder.labels, np.repeat([0, 1, 2], 4))
+    np.testing.assert_array_equal(from_beton.labels, from_folder.labels)
+    for index in (0, 7, 11):
+        mean = pil_pixels(from_beton, index).reshape(-1, 3).mean(0)
+        np.testing.assert_allclose(mean, imagefactory.expected_mean_rgb(index), atol=2.0)
+
+
+def test_dali_canvas_matches_pil(dali_decoder, folder):
+    batches = [np.array([3, 0, 7, 11]), np.array([5, 1])]
+    results = list(dali_decoder.decode_batches(batches))
+    for (batch, skipped), indices in zip(results, batches):
+        assert skipped == 0 and batch.index.tolist() == indices.tolist()
+        assert batch.canvas.shape == (len(indices), 64, 64, 3) and batch.canvas.dtype == torch.uint8
+        check_against_pil(batch, dali_decoder.source, tolerance_mean=1.0, tolerance_max=8)
+
+
+def test_torch_canvas_matches_pil(beton):
+    source = open_source(beton)
+    indices = np.arange(NUM_IMAGES)
+    batch, skipped = decoded_batch([source.encoded(i) for i in indices], indices, source.labels[indices], 64, CPU)
+    assert skipped == 0 and batch.index.tolist() == list(range(NUM_IMAGES))
+    check_against_pil(batch, source, tolerance_mean=1.0, tolerance_max=8)
+
+
+def test_shrunk_canvas_matches_pil_resize(dali_decoder, beton):
+    """Canvas 32 < image: both DALI and torch shrink like PIL's antialiased bilinear resize (mean error < 2)."""
+    source = open_source(beton)
+    indices = np.array([0, 1, 2])
+    torch_batch, _ = decoded_batch([source.encoded(i) for i in indices], indices, source.labels[indices], 32, CPU)
+    from pipeline.backends.dali import DaliCanvasDecoder
+
+    dali_batch, _ = DaliCanvasDecoder(source, 4, 32, 1, CPU).decode(indices)
+    assert torch_batch.extent.tolist() == dali_batch.extent.tolist() == [[24, 32], [32, 24], [32, 32]]
+    for batch in (torch_batch, dali_batch):
+        for i, index in enumerate(indices):
+            height, width = batch.extent[i].tolist()
+            expected = np.asarray(Image.fromarray(pil_pixels(source, index)).resize((width, height), Image.BILINEAR))
+            difference = np.abs(batch.canvas[i, :height, :width].numpy().astype(int) - expected.astype(int))
+            assert difference.mean() < 2.0, difference.mean()
+
+
+def test_ffcv_canvas_matches_pil_and_follows_the_plan(beton):
+    from pipeline.backends.ffcv import FfcvCanvasDecoder
+
+    source = open_source(beton)
+    decoder = FfcvCanvasDecoder(source, batch_size=4, canvas_size=64, threads=1, device=CPU, max_samples=NUM_IMAGES)
+    for plan in ([np.array([9, 2, 7, 4]), np.array([0, 11, 5, 3])], [np.array([1, 6, 8, 10])]):
+        results = list(decoder.decode_batches(plan))
+        assert [b.index.tolist() for b, _ in results] == [p.tolist() for p in plan]
+        for batch, skipped in results:
+            assert skipped == 0
+            check_against_pil(batch, source, tolerance_mean=1.0, tolerance_max=8)
+
+
+def test_ffcv_refuses_a_folder(folder):
+    from pipeline.backends.ffcv import FfcvCanvasDecoder
+
+    with pytest.raises(ValueError, match="reads .beton files only"):
+        FfcvCanvasDecoder(open_source(folder), 4, 64, 1, CPU, max_samples=NUM_IMAGES)
+
+
+def test_dali_skips_and_counts_broken_files(broken_folder):
+    from pipeline.backends.dali import DaliCanvasDecoder
+
+    source = open_source(broken_folder)
+    assert len(source) == NUM_IMAGES + 2
+    decoder = DaliCanvasDecoder(source, batch_size=8, canvas_size=64, threads=1, device=CPU)
+    batch, skipped = decoder.decode(np.array([0, 12, 4, 13, 9]))  # 12: garbage header, 13: truncated
+    assert skipped == 2 and batch.index.tolist() == [0, 4, 9]
+    check_against_pil(batch, source, tolerance_mean=1.0, tolerance_max=8)
+    batch, skipped = decoder.decode(np.array([1, 2]))  # the pipeline still works afterwards
+    assert skipped == 0 and batch.index.tolist() == [1, 2]
+
+
+def test_corrupt_beton_record_is_counted_by_dali_and_torch(broken_beton):
+    from pipeline.backends.dali import DaliCanvasDecoder
+
+    source = open_source(broken_beton)
+    indices = np.array([4, 5, 6])
+    dali_batch, dali_skipped = DaliCanvasDecoder(source, 4, 64, 1, CPU).decode(indices)  # fails inside DALI
+    torch_batch, torch_skipped = decoded_batch([source.encoded(i) for i in indices], indices, source.labels[indices], 64, CPU)
+    assert dali_skipped == torch_skipped == 1
+    assert dali_batch.index.tolist() == torch_batch.index.tolist() == [4, 6]
+
+
+def test_dali_and_torch_decode_agree(dali_decoder, folder):
+    source = dali_decoder.source
+    indices = np.arange(8)
+    dali_batch, _ = dali_decoder.decode(indices)
+    torch_batch, _ = decoded_batch([source.encoded(i) for i in indices], indices, source.labels[indices], 64, CPU)
+    difference = (dali_batch.canvas.int() - torch_batch.canvas.int()).abs()
+    assert difference.max() <= 1  # both libjpeg-turbo on the CPU (identical here); allow one level for IDCT builds
+
+
+def test_reference_views_follow_the_recipe(beton):
+    from pipeline.backends.reference import ReferenceBatchMaker
+    from pipeline.recipe import recipe_preset
+
+    recipe = recipe_preset("adclr").scaled()
+    recipe = dataclasses.replace(recipe, swap=dataclasses.replace(recipe.swap, enabled=True))
+    maker = ReferenceBatchMaker(open_source(beton), recipe)
+    views, skipped = maker.make(np.array([3, 8, 1, 10]), seed=7)
+    views.validate()
+    assert skipped == 0 and views.index.tolist() == [3, 8, 1, 10]
+    assert views.global_crops.shape == (2, 4, 3, 32, 32) and views.local_crops.shape == (10, 4, 3, 16, 16)
+    assert views.query_crops.shape == (4, 10, 3, 8, 8)
+    for boxes in (views.global_boxes, views.local_boxes, views.query_boxes):
+        assert boxes.min() >= 0 and boxes.max() <= 1
+        assert (boxes[..., 2] > boxes[..., 0]).all() and (boxes[..., 3] > boxes[..., 1]).all()
+    query_area = (views.query_boxes[..., 2] - views.query_boxes[..., 0]) * (views.query_boxes[..., 3] - views.query_boxes[..., 1])
+    assert query_area.max() <= 0.05 + 0.02  # pixel rounding of get_params on 48-64 px images
+    swap, crops = views.swap, views.global_crops[views.swap.view]
+    assert swap.partner.tolist() == [3, 2, 1, 0]
+    for i in range(4):
+        x0, y0, x1, y1 = swap.paste_box[i].tolist()
+        assert x0 % 8 == 0 and y1 % 8 == 0 and 8 <= x1 - x0 <= 32
+        torch.testing.assert_close(swap.canvas[i, :, y0:y1, x0:x1], crops[swap.partner[i], :, y0:y1, x0:x1])
+        outside = torch.ones(32, 32, dtype=torch.bool)
+        outside[y0:y1, x0:x1] = False
+        torch.testing.assert_close(swap.canvas[i][:, outside], crops[i][:, outside])
+    again, _ = maker.make(np.array([3, 8, 1, 10]), seed=7)
+    torch.testing.assert_close(again.global_crops, views.global_crops, rtol=0, atol=0)
+
+
+def test_reference_nested_crops_stay_inside_global_crop_zero(beton):
+    from pipeline.backends.reference import ReferenceBatchMaker
+    from pipeline.recipe import recipe_preset
+
+    maker = ReferenceBatchMaker(open_source(beton), recipe_preset("flsl").scaled())
+    views, _ = maker.make(np.arange(6), seed=3)
+    parent = views.global_boxes[0]  # [B, 4]
+    slack = 1 / 48  # one source pixel of rounding
+    for boxes in (views.global_boxes[1:], views.local_boxes):
+        assert (boxes[..., :2] >= parent[None, :, :2] - slack).all()
+        assert (boxes[..., 2:] <= parent[None, :, 2:] + slack).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_decoders_match_cpu(beton):
+    from pipeline.backends.dali import DaliCanvasDecoder
+    from pipeline.backends.ffcv import FfcvCanvasDecoder
+
+    source = open_source(beton)
+    indices = np.arange(8)
+    cpu_batch, _ = decoded_batch([source.encoded(i) for i in indices], indices, source.labels[indices], 64, CPU)
+    cuda = torch.device("cuda")
+    dali_batch, _ = DaliCanvasDecoder(source, 8, 64, 2, cuda).decode(indices)
+    ffcv_batch, _ = next(FfcvCanvasDecoder(source, 8, 64, 2, cuda, max_samples=8).decode_batches([indices]))
+    for batch in (dali_batch, ffcv_batch):
+        assert batch.canvas.is_cuda
+        assert batch.extent.cpu().tolist() == cpu_batch.extent.tolist()
+        assert (batch.canvas.cpu().int() - cpu_batch.canvas.int()).abs().float().mean() < 1.0  # nvJPEG vs libjpeg-turbo
