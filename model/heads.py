@@ -8,6 +8,14 @@ trainer zeroes their gradients during the first epoch). The weight norm is writt
 instead of `torch.nn.utils.weight_norm`, which is deprecated, and its parametrization renames the
 parameters.
 
+Precision: the L2-normalisation and the last layer run in float32 whatever the weights' dtype (DeepSpeed
+bf16 keeps bf16 weights) or the autocast (the teacher runs under bf16 autocast), so the logits are float32.
+A unit vector times unit rows lies in [-1, 1], where bf16 steps are 2^-9..2^-8: after the teacher's
+division by tau_t = 0.04 that is a rounding of up to 0.05 on every sharpened logit (8x coarser than the
+fp16 of DINO's code), and the centre would be an EMA of rounded values. The cost is one [rows, 256] x
+[256, K] matmul in fp32 (under 1% of a step's FLOPs) and fp32 logits, which the losses needed anyway
+(they ran softmax / log-softmax in fp32 on an fp32 copy).
+
 `NeighbourAggregator`: CaiT class-attention blocks (query = one token, keys/values = [query, tokens];
 LayerNorm, MLP ratio 4, qkv bias) + a final LayerNorm; SDPA with a key mask for missing neighbours.
 The query is passed in (SelfPatch seeds it with the view's cls token, see `model/methods/selfpatch.py`),
@@ -39,7 +47,7 @@ class HeadConfig:
 
 
 class WeightNormLinear(nn.Module):
-    """y = g * x @ (V / ||V||_row)^T, no bias; g fixed to 1 unless `learn_scale`."""
+    """y = g * x @ (V / ||V||_row)^T, no bias; g fixed to 1 unless `learn_scale`. Always computed in fp32."""
 
     def __init__(self, in_dim: int, out_dim: int, learn_scale: bool):
         super().__init__()
@@ -47,10 +55,11 @@ class WeightNormLinear(nn.Module):
         self.scale = nn.Parameter(torch.ones(out_dim, 1)) if learn_scale else None
 
     def forward(self, x: Tensor) -> Tensor:
-        weight = F.normalize(self.weight, dim=1)
-        if self.scale is not None:
-            weight = weight * self.scale
-        return F.linear(x, weight)
+        with torch.autocast(x.device.type, enabled=False):  # fp32 even under autocast / bf16 weights
+            weight = F.normalize(self.weight.float(), dim=1)
+            if self.scale is not None:
+                weight = weight * self.scale.float()
+            return F.linear(x.float(), weight)  # [..., K] float32
 
 
 class DinoHead(nn.Module):
@@ -70,8 +79,8 @@ class DinoHead(nn.Module):
         self.last_layer = WeightNormLinear(cfg.bottleneck_dim, out_dim or cfg.out_dim, not cfg.norm_last_layer)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = F.normalize(self.mlp(x), dim=-1)
-        return self.last_layer(x)
+        x = F.normalize(self.mlp(x).float(), dim=-1)  # [..., bottleneck] unit vectors, fp32
+        return self.last_layer(x)  # [..., K] float32
 
 
 class ClassAttentionBlock(nn.Module):

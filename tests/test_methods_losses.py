@@ -4,6 +4,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from model.methods.adclr import AdclrConfig, AdclrLoss
 from model.methods.common import teacher_temperature
@@ -31,6 +33,22 @@ def slow_ce(teacher_row, center, teacher_temp, student_row, student_temp):
 
 def rows(tensor):
     return tensor.double().tolist()
+
+
+class FreshTensors(TorchDispatchMode):
+    """Records the sizes of the tensors ops allocate (outputs that share no storage with an input)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.sizes.append(t.numel())
+        return out
 
 
 def test_teacher_temperature_schedule_endpoints():
@@ -75,6 +93,19 @@ def test_dino_identical_distributions_give_the_entropy():
     assert out["dino"].item() == pytest.approx(1.75 * math.log(2.0), abs=1e-6)  # H(1/2, 1/4, 1/8, 1/8)
 
 
+def test_dino_backward_allocations_do_not_grow_with_the_number_of_pairs():
+    """A per-pair loop makes autograd allocate one full [V, B, K] gradient per pair (2 (V - 1) of them)."""
+    full_size_allocations = []
+    for num_views in (4, 10):
+        student = torch.randn(num_views, 3, 50, requires_grad=True)
+        teacher = torch.randn(2, 3, 50)
+        out = DinoLoss(DinoConfig(), out_dim=50)({"cls_logits": student}, {"cls_logits": teacher}, None, STATE)
+        with FreshTensors() as fresh:
+            out["dino"].backward()
+        full_size_allocations.append(sum(size >= student.numel() for size in fresh.sizes))
+    assert full_size_allocations[0] == full_size_allocations[1] <= 6, full_size_allocations
+
+
 def test_adclr_loss_matches_loops():
     torch.manual_seed(1)
     cfg = AdclrConfig()
@@ -111,6 +142,19 @@ def test_selfpatch_loss_matches_loops():
     torch.testing.assert_close(loss.center, 0.1 * all_rows.mean(0), rtol=0, atol=1e-7)
 
 
+def test_selfpatch_centre_does_not_copy_every_patch_logit():
+    """The centre is the patch-weighted mean over globals and locals, without concatenating them."""
+    torch.manual_seed(6)
+    teacher = {"selfpatch_global_logits": torch.randn(2, 2, 16, 5), "selfpatch_local_logits": torch.randn(3, 2, 4, 5)}
+    student = {key: torch.randn_like(value) for key, value in teacher.items()}
+    loss = SelfPatchLoss(SelfPatchConfig(out_dim=5))
+    with FreshTensors() as fresh:
+        loss(student, teacher, None, STATE)
+    assert max(fresh.sizes) <= teacher["selfpatch_global_logits"].numel()
+    all_rows = torch.cat([teacher[k].reshape(-1, 5) for k in teacher])
+    torch.testing.assert_close(loss.center, 0.1 * all_rows.mean(0), rtol=0, atol=1e-7)
+
+
 def test_selfpatch_neighbours_on_a_hand_made_map():
     # 3 x 3 grid, 2-D features: the centre (index 4) is (1, 0); patches 1, 3, 5, 7 (edge-adjacent) point
     # almost the same way, with known similarity order 5 > 3 > 1 > 7; the corners point away.
@@ -127,6 +171,34 @@ def test_selfpatch_neighbours_on_a_hand_made_map():
     assert sorted(index[0, 0, :3].tolist()) == [1, 3, 4]
     # no wrap-around: patch 2's neighbours never include the left column
     assert set(index[0, 2][valid[0, 2]].tolist()) <= {1, 4, 5}
+
+
+def test_selfpatch_backward_allocations_do_not_grow_with_the_number_of_views():
+    full_size_allocations = []
+    for num_locals in (2, 6):
+        student = {"selfpatch_local_logits": torch.randn(num_locals, 2, 4, 5, requires_grad=True)}
+        teacher = {"selfpatch_local_logits": torch.randn(num_locals, 2, 4, 5)}
+        out = SelfPatchLoss(SelfPatchConfig(out_dim=5))(student, teacher, None, STATE)
+        with FreshTensors() as fresh:
+            out["selfpatch"].backward()
+        full_size_allocations.append(sum(size >= teacher["selfpatch_local_logits"].numel() for size in fresh.sizes))
+    assert full_size_allocations[0] == full_size_allocations[1] <= 6, full_size_allocations
+
+
+def test_selfpatch_neighbours_match_a_loop_without_gathering_neighbour_tokens():
+    torch.manual_seed(7)
+    tokens = torch.randn(3, 20, 16)  # 4 x 5 grid, D = 16
+    with FreshTensors() as fresh:
+        index, valid = select_neighbours(tokens, (4, 5), k=4)
+    assert max(fresh.sizes) < 3 * 20 * 8 * 16  # never the [N, P, 8, D] neighbour tokens
+    normed = torch.nn.functional.normalize(tokens, dim=-1)
+    for n in range(3):
+        for i in range(20):
+            row, col = divmod(i, 5)
+            candidates = [(r * 5 + c) for r in range(row - 1, row + 2) for c in range(col - 1, col + 2)
+                          if (r, c) != (row, col) and 0 <= r < 4 and 0 <= c < 5]
+            ranked = sorted(candidates, key=lambda j: -float(normed[n, i] @ normed[n, j]))[:4]
+            assert index[n, i][valid[n, i]].tolist() == ranked
 
 
 def test_regioncl_pooled_regions_follow_the_paste_box():

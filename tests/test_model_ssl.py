@@ -180,3 +180,25 @@ def test_flop_count_reads_the_pipeline_recipe():
     assert count_step_flops(ModelConfig(), methods, recipe) == count_step_flops(ModelConfig(), methods, shape)
     # ViT-S/16, DINO 2 x 224 + 10 x 96: about 3 x 35 + 18.6 GFLOPs per image (3x student fwd + teacher fwd)
     assert 115e9 < count_step_flops(ModelConfig(), methods, recipe) < 130e9
+
+
+def test_bf16_student_and_autocast_teacher_give_float32_logits_and_finite_losses():
+    """The trainer's setting: bf16 student weights and views, fp32 teacher under bf16 autocast."""
+    names = ["dino", "adclr", "selfpatch", "regioncl", "flsl"]
+    student, teacher, losses = build(names)
+    student.to(torch.bfloat16)
+    views = make_views()
+    views = Views(**{**views.__dict__, "global_crops": views.global_crops.bfloat16(),
+                     "local_crops": views.local_crops.bfloat16(), "query_crops": views.query_crops.bfloat16(),
+                     "swap": RegionSwap(views.swap.canvas.bfloat16(), views.swap.paste_box, views.swap.partner)}).validate()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        teacher_out = teacher.eval()(views, "teacher")
+    student_out = student(views, "student")
+    for key in ("cls_logits", "query_logits", "selfpatch_global_logits", "region_logits", "flsl_logits"):
+        assert student_out[key].dtype == torch.float32, key
+    for key in ("cls_logits", "query_logits", "selfpatch_local_logits", "flsl_teacher_logits"):
+        assert teacher_out[key].dtype == torch.float32, key
+    out = losses(student_out, teacher_out, views, LossState(epoch=0.5, step=5))
+    out["loss"].backward()
+    assert all(torch.isfinite(value) for value in out.values())
+    assert student.head.last_layer.weight.grad.dtype == torch.bfloat16
