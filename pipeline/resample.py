@@ -15,11 +15,15 @@ Decisions and differences from DINO's PIL `RandomResizedCrop(interpolation=BICUB
 - bicubic is torch's (Keys a = -0.75; PIL uses a = -0.5: slightly sharper), results clamped to [0, 1];
 - PIL's antialias filter scales its support with the shrink factor exactly; here the box-filtered level
   leaves a residual shrink in [0.71, 1.41) done by plain bicubic (views are ~3% sharper than PIL's);
-- before sampling, every image is edge-extended over the canvas padding (and each level padded by
-  `MARGIN` replicated pixels), so crops touching the image border never read black padding — PIL crops
-  likewise never see outside the image;
+- before sampling, every image is edge-extended over the band of canvas padding that bicubic can reach
+  (`_edge_extend_band`; each level is also padded by `MARGIN` replicated pixels), so crops touching the
+  image border never read black padding — PIL crops likewise never see outside the image. Every pixel a
+  crop can read equals the former whole-canvas extension, which cost a gather of the full canvas;
 - the atlas is float32 on every device: grid coordinates in half precision would be off by ~0.2 px on
-  a 768 px atlas, and `grid_sample` needs input and grid in one dtype.
+  a 768 px atlas, and `grid_sample` needs input and grid in one dtype;
+- `resample_crops` returns [K, B, 3, size, size] contiguous: the bicubic clamp writes the reordered copy
+  (one pass instead of clamp-in-place + a later `.contiguous()`), so the photometric ops and the
+  normalization see [K*B, 3, size, size] as a free view.
 """
 from __future__ import annotations
 
@@ -43,10 +47,12 @@ class Atlas:
         return len(self.origins)
 
 
-def build_atlas(canvas: Tensor, extent: Tensor, levels: int) -> Atlas:
+def build_atlas(canvas: Tensor, extent: Tensor, levels: int, workspace: dict[str, Tensor] | None = None) -> Atlas:
     """canvas: [B, S, S, 3] uint8 (images top-left), extent: [B, 2] (h, w). Returns the float atlas.
 
     Each level is written straight into its slot (no padded copies), then its margins are filled.
+    workspace: a dict in which the atlas and its scratch rows are kept between calls (the engine passes one
+    on the CPU, where a fresh ~150 MB tensor costs page faults every batch; None = fresh tensors).
     """
     batch, height, width = canvas.shape[:3]
     levels = max(1, min(levels, _max_levels(min(height, width))))
@@ -54,16 +60,22 @@ def build_atlas(canvas: Tensor, extent: Tensor, levels: int) -> Atlas:
     slots = _atlas_layout([h for h, _ in sizes], width)  # (x, y) of each padded level
     atlas_height = max(y + h + 2 * MARGIN for (x, y), (h, w) in zip(slots, sizes))
     atlas_width = max(x + w + 2 * MARGIN for (x, y), (h, w) in zip(slots, sizes))
-    pixels = torch.empty(batch, 3, atlas_height, atlas_width, device=canvas.device, dtype=torch.float32)
+    pixels = _buffer(workspace, "atlas", (batch, 3, atlas_height, atlas_width), canvas.device)
     if levels > 1:  # below the stacked levels: never sampled, zeroed so it holds no stray NaN
         column_x, bottom = slots[1][0], slots[-1][1] + sizes[-1][0] + 2 * MARGIN
         pixels[:, :, bottom:, column_x:] = 0.0
     level = _interior(pixels, slots[0], sizes[0])
-    level.copy_(_edge_extend(canvas, extent).permute(0, 3, 1, 2)).mul_(1.0 / 255.0)
+    if canvas.device.type == "cuda":  # CUDA casts inside the kernel: one pass
+        torch.mul(canvas.permute(0, 3, 1, 2), 1.0 / 255.0, out=level)
+    else:  # the CPU would first cast to a float temporary: copy + scale in place is 2x faster
+        level.copy_(canvas.permute(0, 3, 1, 2)).mul_(1.0 / 255.0)
+    _edge_extend_band(level, extent, MARGIN << (levels - 1))
     _fill_margins(pixels, slots[0], sizes[0])
+    if levels > 1:  # row pairs of level 0 summed here first (contiguous rows: 2x faster than 4 strided adds)
+        rows = _buffer(workspace, "rows", (batch, 3, sizes[1][0], width), canvas.device)
     for slot, size in zip(slots[1:], sizes[1:]):  # a loop over <= 3 levels, not over images
         finer, level = level, _interior(pixels, slot, size)
-        _half_size_into(finer, level)
+        _half_size_into(finer, level, rows[:, :, : size[0], : 2 * size[1]])
         _fill_margins(pixels, slot, size)
     origins = tuple((x + MARGIN, y + MARGIN) for x, y in slots)
     return Atlas(pixels=pixels, origins=origins, image_hw=extent.to(torch.float32))
@@ -75,10 +87,22 @@ def _interior(pixels: Tensor, slot: tuple[int, int], size: tuple[int, int]) -> T
     return pixels[:, :, y + MARGIN : y + MARGIN + height, x + MARGIN : x + MARGIN + width]
 
 
-def _half_size_into(finer: Tensor, out: Tensor) -> None:
-    """2x2 box filter of `finer` written into `out` (avg_pool2d + copy is 3x slower on CPU on slot views)."""
-    torch.add(finer[..., 0::2, 0::2], finer[..., 1::2, 0::2], out=out)
-    out.add_(finer[..., 0::2, 1::2]).add_(finer[..., 1::2, 1::2]).mul_(0.25)
+def _half_size_into(finer: Tensor, out: Tensor, rows: Tensor) -> None:
+    """2x2 box filter of `finer` written into `out`: sum the row pairs into `rows` (scratch of out's height
+    and finer's width), then the column pairs, then scale (avg_pool2d + copy is 3x slower on CPU on slot views)."""
+    torch.add(finer[..., 0::2, :], finer[..., 1::2, :], out=rows)
+    torch.add(rows[..., 0::2], rows[..., 1::2], out=out).mul_(0.25)
+
+
+def _buffer(workspace: dict[str, Tensor] | None, name: str, shape: tuple[int, ...], device: torch.device) -> Tensor:
+    """A float32 tensor of `shape`: the workspace's one when it fits, else a new one (kept there)."""
+    kept = None if workspace is None else workspace.get(name)
+    if kept is not None and kept.shape == shape and kept.device == device:
+        return kept
+    fresh = torch.empty(shape, device=device, dtype=torch.float32)
+    if workspace is not None:
+        workspace[name] = fresh
+    return fresh
 
 
 def _fill_margins(pixels: Tensor, slot: tuple[int, int], size: tuple[int, int]) -> None:
@@ -94,14 +118,16 @@ def _fill_margins(pixels: Tensor, slot: tuple[int, int], size: tuple[int, int]) 
 
 
 def resample_crops(atlas: Atlas, boxes: Tensor, flip: Tensor, size: int, mode: str, antialias: bool = True) -> Tensor:
-    """Crop-and-resize every box: boxes [K, B, 4] normalized, flip [K, B] bool -> [K, B, 3, size, size]."""
+    """Crop-and-resize every box: boxes [K, B, 4] normalized, flip [K, B] bool -> [K, B, 3, size, size]
+    (contiguous, so the photometric ops can treat it as [K*B, 3, size, size] without a copy)."""
     num_crops, batch = boxes.shape[:2]
     if num_crops == 0:
         return atlas.pixels.new_zeros(0, batch, 3, size, size)
     grid = _sampling_grid(atlas, boxes, flip, size, antialias)  # [B, K*size, size, 2]
-    crops = F.grid_sample(atlas.pixels, grid, mode=mode, padding_mode="border", align_corners=False)
-    crops = crops.clamp_(0.0, 1.0).view(batch, 3, num_crops, size, size)  # bicubic overshoots
-    return crops.permute(2, 0, 1, 3, 4)  # [K, B, 3, size, size]
+    sampled = F.grid_sample(atlas.pixels, grid, mode=mode, padding_mode="border", align_corners=False)
+    crops = sampled.new_empty(num_crops, batch, 3, size, size)
+    # bicubic overshoots: clamp while reordering [B, 3, K, ...] -> [K, B, 3, ...] (one pass, not two)
+    return torch.clamp(sampled.view(batch, 3, num_crops, size, size).permute(2, 0, 1, 3, 4), 0.0, 1.0, out=crops)
 
 
 def _sampling_grid(atlas: Atlas, boxes: Tensor, flip: Tensor, size: int, antialias: bool) -> Tensor:
@@ -143,13 +169,23 @@ def _level_origins(origins: tuple[tuple[int, int], ...], level: Tensor) -> tuple
     return origin_x, origin_y
 
 
-def _edge_extend(canvas: Tensor, extent: Tensor) -> Tensor:
-    """Replace the padding right of / below each image by its last column / row (one gather)."""
-    batch, height, width = canvas.shape[:3]
-    rows = torch.minimum(torch.arange(height, device=canvas.device)[None, :], extent[:, 0:1] - 1)  # [B, S]
-    cols = torch.minimum(torch.arange(width, device=canvas.device)[None, :], extent[:, 1:2] - 1)  # [B, S]
-    batch_index = torch.arange(batch, device=canvas.device)[:, None, None]
-    return canvas[batch_index, rows[:, :, None], cols[:, None, :]]  # [B, S, S, 3]
+def _edge_extend_band(level: Tensor, extent: Tensor, band: int) -> None:
+    """Replicate each image's last column / row over the `band` pixels right of / below it, in place.
+
+    Only what bicubic can read is extended: at level k a crop reads at most 3 level-k pixels (3 * 2^k
+    level-0 pixels) beyond the image, and band = MARGIN * 2^(levels - 1) >= that, so every pixel any crop
+    reads equals the fully edge-extended canvas (the former whole-canvas gather, 4x the bytes).
+    """
+    batch, _, height, width = level.shape
+    steps = torch.arange(band, device=level.device)
+    images = torch.arange(batch, device=level.device)
+    rows, cols = extent[:, 0].to(level.device), extent[:, 1].to(level.device)  # [B]
+    last_column = level[images, :, :, cols - 1]  # [B, 3, S]
+    band_columns = torch.clamp(cols[:, None] + steps, max=width - 1)  # [B, band]
+    level[images[:, None], :, :, band_columns] = last_column[:, None]
+    last_row = level[images, :, rows - 1, :]  # [B, 3, S] (its band columns already extended)
+    band_rows = torch.clamp(rows[:, None] + steps, max=height - 1)
+    level[images[:, None], :, band_rows, :] = last_row[:, None]
 
 
 def _max_levels(side: int) -> int:

@@ -10,6 +10,7 @@ from PIL import Image
 from imagefactory import expected_mean_rgb, smooth_image
 from pipeline.engine import ViewsEngine
 from pipeline.recipe import recipe_preset
+from pipeline.resample import MARGIN, build_atlas
 from pipeline.show import images_to_batch
 
 CANVAS = 64
@@ -130,6 +131,21 @@ def test_antialiasing_follows_pil_when_shrinking_a_lot():
         crops = denormalize(engine.make_views(batch, torch.Generator().manual_seed(0)).global_crops[0, 0], recipe)
         errors.append(np.abs(crops.permute(1, 2, 0).numpy() - expected).mean())
     assert errors[0] < 0.01 and errors[1] > 5 * errors[0], errors
+
+
+def test_atlas_band_equals_the_fully_edge_extended_canvas_where_crops_can_read():
+    """The atlas extends each image only over a band right of / below it; inside image + band (all that
+    bicubic can read at any level) level 0 equals the canvas with every padding pixel edge-extended."""
+    batch, _ = make_batch()
+    atlas = build_atlas(batch.canvas, batch.extent, levels=3)
+    band = MARGIN << 2
+    x, y = atlas.origins[0]
+    for i, (height, width) in enumerate(batch.extent.tolist()):
+        rows = torch.arange(min(height + band, CANVAS)).clamp(max=height - 1)
+        cols = torch.arange(min(width + band, CANVAS)).clamp(max=width - 1)
+        expected = batch.canvas[i][rows[:, None], cols[None, :]].permute(2, 0, 1).float() / 255
+        made = atlas.pixels[i, :, y : y + len(rows), x : x + len(cols)]
+        torch.testing.assert_close(made, expected, atol=1e-6, rtol=0)
 
 
 def test_flip_mirrors_the_same_box():

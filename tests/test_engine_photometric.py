@@ -15,7 +15,9 @@ from pipeline.photometric import (
     PhotometricParams,
     apply_photometric,
     color_jitter,
+    apply_photometric_plan,
     gaussian_blur,
+    plan_photometric,
     sample_photometric,
 )
 from pipeline.recipe import PhotometricSpec, recipe_preset
@@ -86,6 +88,20 @@ def test_grayscale_and_solarize_equal_torchvision():
     torch.testing.assert_close(made[1], crops[1])
     torch.testing.assert_close(made[2], TF.solarize(gray[2], 128 / 255), atol=1e-3, rtol=0)
     assert torch.equal(made[3], TF.solarize(crops[3], 128 / 255))
+
+
+def test_subset_plan_equals_the_masked_ops():
+    """The engine's path (each op gathered on the crops that drew it) against every op on every crop with
+    identity parameters elsewhere: 64 crops at DINO's global rates, all ops and both views, clamping included."""
+    generator = torch.Generator().manual_seed(4)
+    crops = torch.rand(64, 3, 24, 24, generator=generator)
+    spec = recipe_preset("dino").global_augment
+    view_index = torch.arange(2).repeat_interleave(32)
+    params = sample_photometric(torch.rand(64, DRAWS_PER_CROP, generator=generator), spec, view_index)
+    plan = plan_photometric(params)
+    assert 0 < plan.jitter.numel() < 64 and 0 < plan.blur.numel() < 64 and 0 < plan.grayscale.numel() < 64
+    made = apply_photometric_plan(crops.clone(), plan, spec)
+    torch.testing.assert_close(made, apply_photometric(crops, params, spec), atol=1e-5, rtol=0)
 
 
 def _binomial_ok(observed_rate, p, n, sigmas=4.5):
