@@ -29,6 +29,8 @@ def flsl_inputs(rank):
 
 def worker(rank, world_size, init_file, results_dir):
     torch.set_num_threads(1)
+    if dist.is_initialized():  # forked from a pytest process where a training test left a world-of-one group
+        dist.destroy_process_group()
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         state = SimpleNamespace(epoch=0.0, step=0)

@@ -1,0 +1,126 @@
+"""The trainer's config: YAML presets with `extends:`, dotted overrides, clear errors, the saved run config."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+from test_train_support import tiny_config, write_tiny_config
+from train.config import TrainConfig, load_config, save_config
+from train.dataclass_yaml import ConfigError, apply_override, build, load_yaml_chain, to_plain
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class Inner:
+    rate: float = 0.5  # a float
+    pair: tuple[float, float] = (0.1, 1.0)  # a pair
+    name: str = "x"  # a string
+
+
+@dataclass
+class Outer:
+    count: int = 3  # an int
+    flag: bool = False  # a bool
+    inner: Inner = field(default_factory=lambda: Inner(rate=0.25))  # nested, non-default factory
+    maybe: int | None = None  # optional
+
+
+def test_build_applies_only_the_given_keys_and_keeps_factory_defaults():
+    built = build(Outer, {"count": 7, "inner": {"pair": [0.2, 0.9]}})
+    assert built == Outer(count=7, inner=Inner(rate=0.25, pair=(0.2, 0.9)))
+    assert isinstance(built.inner.pair, tuple)
+    assert build(Outer, {"inner": {"rate": 1}}).inner.rate == 1.0  # an int is fine for a float
+    assert build(Outer, {"maybe": None}).maybe is None and build(Outer, {"maybe": 4}).maybe == 4
+
+
+@pytest.mark.parametrize("tree, message", [
+    ({"inner": {"rat": 1.0}}, "inner.rat: unknown config key"),
+    ({"count": "3"}, "count: expected int, got str"),
+    ({"count": 2.5}, "count: expected int, got float"),
+    ({"flag": 1}, "flag: expected bool, got int"),
+    ({"inner": {"pair": [0.1]}}, "inner.pair: expected 2 values"),
+    ({"inner": {"name": 5}}, "inner.name: expected str"),
+    ({"inner": 3}, "inner: expected a mapping"),
+])
+def test_build_errors_name_the_dotted_key(tree, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        build(Outer, tree)
+
+
+def test_overrides_parse_yaml_values():
+    tree = apply_override({"inner": {"rate": 0.1}}, "inner.pair=[0.3, 0.4]")
+    tree = apply_override(tree, "flag=true")
+    tree = apply_override(tree, "maybe=null")
+    assert build(Outer, tree) == Outer(flag=True, inner=Inner(rate=0.1, pair=(0.3, 0.4)))
+    with pytest.raises(ConfigError, match="section.key=value"):
+        apply_override({}, "flag")
+
+
+def test_extends_merges_parent_first(tmp_path):
+    (tmp_path / "base.yaml").write_text("count: 1\ninner: {rate: 0.7, name: base}\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\ninner: {name: child}\n")
+    assert build(Outer, load_yaml_chain(tmp_path / "child.yaml")) == Outer(count=1, inner=Inner(rate=0.7, name="child"))
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_yaml_chain(tmp_path / "loop.yaml")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_yaml_chain(tmp_path / "missing.yaml")
+
+
+def test_train_config_errors_name_the_key(tmp_path):
+    path = write_tiny_config(tmp_path, tmp_path / "x.beton", tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"optim\.lrr: unknown config key"):
+        load_config(path, ["optim.lrr=0.1"])
+    with pytest.raises(ConfigError, match=r"data\.batch_size: expected int, got str"):
+        load_config(path, ["data.batch_size=four"])
+    with pytest.raises(ConfigError, match=r"deepspeed\.zero_stage: must be 0-3"):
+        load_config(path, ["deepspeed.zero_stage=4"])
+    with pytest.raises(ConfigError, match=r"recipe\.patch_size: 16 differs from the model's patch size 8"):
+        load_config(path, ["recipe.patch_size=16", "recipe.queries.size=16"])
+    with pytest.raises(ConfigError, match=r"data\.dtype: must be 'float32' when deepspeed\.bf16 is False"):
+        load_config(path, ["deepspeed.bf16=false"])
+    with pytest.raises(ConfigError, match=r"^methods.adclr|methods"):  # a section's own validate() names its key
+        load_config(path, ["methods.adclr.weight=-1"])
+
+
+def test_main_reports_config_errors_without_traceback(tmp_path, capsys):
+    from train.main import main
+
+    path = write_tiny_config(tmp_path, tmp_path / "x.beton", tmp_path / "run")
+    assert main(["--config", str(path), "optim.bogus=1", "--local_rank=0"]) == 2
+    assert "config error: optim.bogus: unknown config key" in capsys.readouterr().err
+
+
+def test_recipe_preset_by_name_then_overrides(tmp_path):
+    config = tiny_config(tmp_path, tmp_path / "x.beton", tmp_path / "run",
+                         recipe={"preset": "adclr", "global_views": {"size": 32}})
+    assert config.recipe.queries.count == 10  # from the adclr preset
+    assert config.recipe.global_views.size == 32 and config.recipe.local_views.size == 16
+    with pytest.raises(ConfigError, match=r"recipe\.preset: .*unknown"):
+        tiny_config(tmp_path, tmp_path / "x.beton", tmp_path / "run2", recipe={"preset": "simclr"})
+
+
+def test_saved_config_reloads_identically(tmp_path):
+    config = tiny_config(tmp_path, tmp_path / "x.beton", tmp_path / "run", ["methods.adclr.enabled=true", "recipe.queries.count=3"])
+    saved = save_config(config, tmp_path / "run")
+    assert load_config(saved) == config
+    assert yaml.safe_load(saved.read_text())["recipe"]["queries"]["count"] == 3
+
+
+def test_overlay_presets_stack_in_order():
+    config = load_config([CONFIGS / "adclr_vit_b16.yaml", CONFIGS / "zero3.yaml"], ["data.path=/x.beton"])
+    assert config.deepspeed.zero_stage == 3 and config.model.arch == "vit_base_patch16_224"
+    assert config.methods.adclr.enabled and config.recipe.queries.count == 10  # from adclr_vit_s16 via extends
+    assert config.optim.lr == 0.00075 and config.deepspeed.gradient_clipping == 0.3
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_every_shipped_preset_loads(preset):
+    overrides = ["data.path=/nonexistent.beton"]
+    config = load_config(CONFIGS / preset, overrides)
+    assert isinstance(config, TrainConfig)
+    assert to_plain(config)["deepspeed"]["zero_stage"] in (0, 1, 2, 3)

@@ -1,0 +1,133 @@
+"""The DeepSpeed student engine, the teacher EMA, and a few real training steps per method and ZeRO stage."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from test_train_support import make_tiny_beton, read_metrics, tiny_config
+from train.engine import apply_schedule, make_teacher, parameter_groups, update_teacher
+
+
+class TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(4, 4)
+        self.norm = nn.LayerNorm(4)
+        self.last_layer = nn.Linear(4, 3, bias=False)
+
+
+def test_ema_matches_hand_computation():
+    torch.manual_seed(0)
+    student, teacher = TinyNet(), TinyNet()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    update_teacher(student, teacher, 0.9, zero_stage=0)
+    for name, value in teacher.state_dict().items():
+        torch.testing.assert_close(value, 0.9 * before[name] + 0.1 * student.state_dict()[name], rtol=0, atol=1e-7)
+
+
+def test_ema_momentum_zero_copies_and_one_freezes():
+    torch.manual_seed(0)
+    student, teacher = TinyNet(), TinyNet()
+    frozen = {k: v.clone() for k, v in teacher.state_dict().items()}
+    update_teacher(student, teacher, 1.0, zero_stage=0)
+    assert all(torch.equal(v, frozen[k]) for k, v in teacher.state_dict().items())
+    update_teacher(student.to(torch.bfloat16), teacher, 0.0, zero_stage=0)  # bf16 student -> fp32 teacher
+    assert all(torch.equal(v, student.state_dict()[k].float()) for k, v in teacher.state_dict().items())
+    assert all(v.dtype == torch.float32 for v in teacher.state_dict().values())
+
+
+def test_teacher_is_fp32_frozen_and_in_eval_mode():
+    teacher = make_teacher(TinyNet().to(torch.bfloat16), torch.device("cpu"))
+    assert not teacher.training
+    assert all(p.dtype == torch.float32 and not p.requires_grad for p in teacher.parameters())
+
+
+def test_parameter_groups_split_decay_and_last_layer():
+    groups, kinds = parameter_groups(TinyNet())
+    names = {id(p): n for n, p in TinyNet().named_parameters()}
+    assert len(names) == 5
+    by_kind = {(k["decay"], k["last_layer"]): len(g["params"]) for g, k in zip(groups, kinds)}
+    assert by_kind == {(True, False): 1, (False, False): 3, (True, True): 1}  # body.weight | biases+norm | last layer
+
+    class FakeEngine:
+        class optimizer:
+            param_groups = [dict(g) for g in groups]
+
+    apply_schedule(FakeEngine, kinds, {"lr": 0.5, "weight_decay": 0.04, "freeze_last_layer": True})
+    settings = {(k["decay"], k["last_layer"]): (g["lr"], g["weight_decay"]) for g, k in zip(FakeEngine.optimizer.param_groups, kinds)}
+    assert settings == {(True, False): (0.5, 0.04), (False, False): (0.5, 0.0), (True, True): (0.0, 0.04)}
+
+
+METHOD_RUNS = {  # each method once; together they cover ZeRO 0, 2 and 3
+    "dino": (3, []),
+    "adclr": (2, ["methods.adclr.enabled=true", "recipe.queries.count=3"]),
+    "selfpatch": (0, ["methods.selfpatch.enabled=true"]),
+    "regioncl": (2, ["methods.regioncl.enabled=true", "recipe.swap.enabled=true"]),
+    "flsl": (0, ["methods.dino.enabled=false", "methods.flsl.enabled=true", "recipe.nested=true"]),
+}
+
+
+@pytest.fixture(scope="module")
+def beton(tmp_path_factory):
+    return make_tiny_beton(tmp_path_factory.mktemp("data"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", list(METHOD_RUNS))
+def test_a_few_steps_per_method_and_zero_stage(method, beton, tmp_path):
+    from train.engine import gathered_state_dict
+    from train.loop import train_loop
+    from train.main import build_run
+
+    stage, overrides = METHOD_RUNS[method]
+    config = tiny_config(tmp_path, beton, tmp_path / "run", [f"deepspeed.zero_stage={stage}", "schedule.max_steps=2", *overrides])
+    run = build_run(config, torch.device("cpu"))
+    initial_student = gathered_state_dict(run.engine, stage)
+    initial_teacher = {k: v.clone() for k, v in run.teacher.state_dict().items()}
+    assert train_loop(run) == "done" and run.step == 2
+    run.telemetry.close()
+
+    records = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in records] == [1, 2]
+    part_names = {"dino": ["dino"], "adclr": ["dino", "adclr"], "selfpatch": ["dino", "selfpatch"],
+                  "regioncl": ["dino", "regioncl"], "flsl": ["flsl"]}[method]
+    for record in records:
+        assert all(torch.isfinite(torch.tensor(record[name])) for name in ["loss", *part_names])
+        assert record["images_per_second"] > 0 and 0 <= record["data_wait_fraction"] <= 1 and record["mfu"] > 0
+    student = gathered_state_dict(run.engine, stage)
+    momentum = run.schedules.at(1)["teacher_momentum"]
+    changed = [n for n in student if not torch.equal(student[n], initial_student[n])]
+    assert any(n.startswith("backbone.") for n in changed), "the optimizer did not move the backbone"
+    assert not any("last_layer" in n for n in changed), "last layer must stay frozen in the first epoch"
+    # The last step's EMA: teacher = m * previous teacher + (1 - m) * student; check on a parameter that moved.
+    name = next(n for n in changed if n.startswith("backbone.blocks"))
+    assert not torch.equal(run.teacher.state_dict()[name], initial_teacher[name])
+    assert 0.99 < momentum < 1.0
+    # The EMA under this ZeRO stage (gathered under ZeRO-3) against the hand computation.
+    teacher_before = {k: v.clone() for k, v in run.teacher.state_dict().items()}
+    update_teacher(run.engine.module, run.teacher, 0.75, stage)
+    for key, value in run.teacher.state_dict().items():
+        expected = 0.75 * teacher_before[key] + 0.25 * student[key].float()
+        torch.testing.assert_close(value, expected, rtol=0, atol=1e-6)
+    config_saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert f"zero_stage: {stage}" in config_saved
+    assert json.loads((tmp_path / "run" / "deepspeed_config.json").read_text())["zero_optimization"]["stage"] == stage
+
+
+@pytest.mark.slow
+def test_benchmark_mode_prints_throughput_figures(beton, tmp_path, capsys):
+    from test_train_support import write_tiny_config
+    from train.main import main
+
+    config = write_tiny_config(tmp_path, beton, tmp_path / "bench")
+    assert main(["--config", str(config), "--benchmark", "3", "--warmup-steps", "1"]) == 0
+    printed = capsys.readouterr().out
+    for figure in ("images/s", "step time", "data wait", "MFU", "peak memory"):
+        assert figure in printed, figure
+    assert "3 steps after warm-up" in printed
+    assert not (tmp_path / "bench" / "checkpoints").exists()  # benchmarks write no checkpoints
+    records = read_metrics(tmp_path / "bench")
+    assert [r["step"] for r in records] == [4]  # one interval: from the end of warm-up to the last step

@@ -1,0 +1,8 @@
+"""densessl's trainer: `deepspeed train/main.py --config configs/X.yaml [key=value ...]`.
+
+Modules, one job each: `config` (the typed config and its YAML loader), `schedules` (per-step arrays),
+`engine` (the only DeepSpeed import: init, student engine, teacher EMA), `step` (one training step),
+`loop` (epochs, logging, checkpoints, signals), `checkpoint` (atomic save / exact resume),
+`telemetry` (bar, metrics.jsonl, TensorBoard, throughput), `knn` / `eval_knn` / `eval_linear`
+(evaluation), `export` (timm-loadable safetensors), `main` (the entry point).
+"""

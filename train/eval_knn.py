@@ -1,0 +1,62 @@
+"""`python -m train.eval_knn RUN_DIR_OR_CHECKPOINT [options]`: DINO's weighted k-NN of a trained teacher.
+
+Prints top-1/top-5 of the teacher backbone and, with `--baselines`, of the same architecture at its
+random initialization and of raw pixels. The evaluation sets default to the run's `eval` section.
+Single process (features of one model are cheap next to training).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+
+import torch
+
+from train.knn import format_comparison, knn_accuracy, raw_pixel_features
+from train.restore import load_teacher, random_init_model
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Weighted k-NN (DINO) of a trained teacher backbone.")
+    parser.add_argument("path", help="run folder (uses checkpoints/latest) or a checkpoint folder")
+    parser.add_argument("--train-path", help="labelled .beton / image folder for the memory bank (default: the run's eval.train_path)")
+    parser.add_argument("--test-path", help="labelled .beton / image folder to classify (default: the run's eval.test_path)")
+    parser.add_argument("--image-size", type=int, help="eval resize/centre-crop side in pixels (default: the run's)")
+    parser.add_argument("--batch-size", type=int, help="images per forward (default: the run's eval.batch_size)")
+    parser.add_argument("--k", type=int, help="neighbours (default: the run's, DINO 20)")
+    parser.add_argument("--temperature", type=float, help="vote temperature (default: the run's, DINO 0.07)")
+    parser.add_argument("--max-train-samples", type=int, help="use the first N memory images (default: the run's; 0 = all)")
+    parser.add_argument("--max-test-samples", type=int, help="classify the first N test images (default: the run's; 0 = all)")
+    parser.add_argument("--baselines", action="store_true", help="also random-init backbone and raw pixels")
+    parser.add_argument("--workers", type=int, default=2, help="decode worker processes (default: 2)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    config, teacher, checkpoint = load_teacher(args.path, device)
+    overrides = {name: getattr(args, name) for name in ("train_path", "test_path", "image_size", "batch_size", "k",
+                                                        "temperature", "max_train_samples", "max_test_samples")
+                 if getattr(args, name) is not None}
+    eval_cfg = dataclasses.replace(config.eval, **overrides)
+    if not eval_cfg.train_path or not eval_cfg.test_path:
+        print("eval_knn: no evaluation sets; pass --train-path and --test-path", file=sys.stderr)
+        return 2
+    results = {f"trained teacher ({checkpoint.name})": knn_accuracy(teacher.features, eval_cfg, device, args.workers)}
+    if args.baselines:
+        random_model = random_init_model(config, device)
+        results["random-init backbone"] = knn_accuracy(random_model.features, eval_cfg, device, args.workers)
+        results["raw pixels"] = knn_accuracy(raw_pixel_features, eval_cfg, device, args.workers)
+    print(json.dumps(results, indent=2) if args.json else format_comparison(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

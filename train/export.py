@@ -1,0 +1,66 @@
+"""`python -m train.export RUN_DIR_OR_CHECKPOINT out.safetensors`: the teacher backbone for timm.
+
+Writes the teacher's timm VisionTransformer weights (no DINO heads, no classifier) as safetensors, with
+the timm arguments in the file's metadata, and prints how to load it:
+
+    kwargs = json.loads(safe_open(path, "pt").metadata()["timm_kwargs"])
+    model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=path), **kwargs)
+    # or: model = timm.create_model(arch, **kwargs); model.load_state_dict(safetensors.torch.load_file(path))
+
+Decisions: the teacher (not the student) is exported, as DINO does (it is the better model);
+`num_classes=0` in the kwargs because the file has no classifier (timm then keeps `head` an Identity
+and `model(x)` returns the pooled cls feature); custom sizes (embed_dim, depth, heads, patch,
+img_size) are part of the kwargs, so the tiny demo model loads the same way as a ViT-S.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from train.restore import load_teacher
+
+
+def timm_kwargs(model_cfg) -> dict:
+    """The `timm.create_model` keyword arguments that rebuild the backbone of `ModelConfig`."""
+    kwargs = {"num_classes": 0, "img_size": model_cfg.img_size, "dynamic_img_size": True}
+    for name in ("embed_dim", "depth", "num_heads", "patch_size"):
+        if getattr(model_cfg, name):
+            kwargs[name] = getattr(model_cfg, name)
+    return kwargs
+
+
+def export_teacher(path: str | Path, out: str | Path) -> dict:
+    """Write the teacher backbone of a run/checkpoint to `out`; returns {"arch", "kwargs", "checkpoint"}."""
+    config, teacher, checkpoint = load_teacher(path)
+    state = {name: tensor.detach().contiguous().float() for name, tensor in teacher.backbone.state_dict().items()}
+    kwargs = timm_kwargs(config.model)
+    metadata = {"arch": config.model.arch, "timm_kwargs": json.dumps(kwargs), "source": str(checkpoint),
+                "format": "pt", "producer": "densessl train.export"}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out), metadata=metadata)
+    return {"arch": config.model.arch, "kwargs": kwargs, "checkpoint": str(checkpoint)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Export a run's teacher backbone as timm-loadable safetensors.")
+    parser.add_argument("path", help="run folder (uses checkpoints/latest) or a checkpoint folder")
+    parser.add_argument("out", help="output file, e.g. teacher.safetensors")
+    args = parser.parse_args(argv)
+    if not args.out.endswith(".safetensors"):
+        print(f"export: {args.out} should end in .safetensors (timm picks the loader by extension)", file=sys.stderr)
+        return 2
+    info = export_teacher(args.path, args.out)
+    kwargs = ", ".join(f"{k}={v!r}" for k, v in info["kwargs"].items())
+    print(f"wrote {args.out} (teacher backbone of {info['checkpoint']})\n"
+          f"load: timm.create_model({info['arch']!r}, pretrained=True, "
+          f"pretrained_cfg_overlay=dict(file={args.out!r}), {kwargs})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

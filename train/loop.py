@@ -1,0 +1,180 @@
+"""The training loop: epochs of `train_step`, with logging, checkpoints, evaluation, signals, NaN stop.
+
+Host-device syncs happen only on log steps (reading the averaged loss parts) and when a checkpoint
+is written; between them the loop only launches work. Consequences (decisions):
+- A NaN/inf loss is recorded on the device (`nonfinite`) every step and checked on the next log step
+  or before any checkpoint, whichever comes first; then the run stops with `NonFiniteLoss`, and since
+  no checkpoint is written without that check, the newest checkpoint is always a finite one.
+- SIGTERM / SIGINT set a flag. With one rank it is honoured after the current step; with several it is
+  all-reduced on log steps (a signal that reached only some ranks must not start a collective save
+  on those alone), so the stop comes within `log.every_steps` steps. Then a checkpoint, then exit 0.
+- Fetching a batch runs inside `torch.random.fork_rng`: a loader that draws from the global torch RNG
+  (a DataLoader iterator draws its base seed when it starts) would otherwise shift the student's
+  drop-path stream differently in a straight run and a resumed one, breaking exact resume.
+- A batch lost entirely to corrupt records ends the epoch one batch short; the step counter then
+  jumps to the next epoch boundary so that step // steps_per_epoch stays the epoch.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from model import LossState
+from train.checkpoint import save_checkpoint
+from train.step import train_step
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclass
+class Run:
+    """Everything a running training holds (built by `train.main.build_run`)."""
+
+    cfg: object  # TrainConfig
+    run_dir: Path
+    device: torch.device
+    rank: int
+    world_size: int
+    loader: object  # ViewsLoader
+    engine: object  # DeepSpeed engine of the student
+    group_kinds: list
+    teacher: torch.nn.Module
+    losses: torch.nn.Module
+    schedules: object  # Schedules
+    telemetry: object  # Telemetry
+    total_steps: int
+    step: int = 0
+    last_checkpoint: Path | None = None
+    last_checkpoint_step: int = -1
+    evaluations: list = field(default_factory=list)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.schedules.steps_per_epoch
+
+
+class StopSignal:
+    """SIGTERM/SIGINT -> a flag the loop polls; the previous handlers come back on `restore()`."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        logger.warning("received signal %d: saving a checkpoint after this step, then exiting "
+                       "(send it again to stop at once)", signum)
+        self.requested = True
+        signal.signal(signum, self.previous[signum])  # a second Ctrl-C / SIGTERM acts as usual
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+def train_loop(run: Run, evaluate=None, benchmark_warmup: int = -1) -> str:
+    """Train from `run.step` to `run.total_steps`; returns "done", "stopped" (signal) or raises NonFiniteLoss.
+
+    `evaluate(run, epoch)` is called at the end of every epoch (it decides whether to run).
+    `benchmark_warmup >= 0`: no checkpoints; the telemetry interval restarts after that many steps.
+    """
+    cfg, stop = run.cfg, StopSignal()
+    nonfinite = torch.zeros((), dtype=torch.bool, device=run.device)
+    checked_from = run.step
+    try:
+        while run.step < run.total_steps:
+            epoch = run.step // run.steps_per_epoch
+            run.loader.set_epoch(epoch)
+            batches, exhausted = iter(run.loader), False
+            while run.step < run.total_steps:
+                wait_start = time.perf_counter()
+                with torch.random.fork_rng(devices=[]):  # data loading never shifts the training RNG stream
+                    views = next(batches, None)
+                if views is None:
+                    exhausted = True
+                    break
+                run.telemetry.add_data_wait(time.perf_counter() - wait_start)
+                values = run.schedules.at(run.step)
+                state = LossState(epoch=run.step / run.steps_per_epoch, step=run.step)
+                parts = train_step(run.engine, run.group_kinds, run.teacher, run.losses, views, state, values,
+                                   bf16=cfg.deepspeed.bf16, zero_stage=cfg.deepspeed.zero_stage)
+                nonfinite |= ~torch.isfinite(parts["loss"])
+                run.step += 1
+                run.telemetry.advance()
+                if run.step == benchmark_warmup:
+                    _synchronize(run.device)
+                    run.telemetry.restart_interval(run.step)
+                log_now = run.step % cfg.log.every_steps == 0 or run.step == run.total_steps
+                save_now = benchmark_warmup < 0 and _checkpoint_due(run, cfg.checkpoint)
+                if log_now or save_now or (stop.requested and run.world_size == 1):
+                    stop_everywhere = _check_and_log(run, parts, nonfinite, stop.requested, checked_from, log_now)
+                    checked_from = run.step
+                    if save_now or stop_everywhere:
+                        run.last_checkpoint = save_run_checkpoint(run)
+                    if stop_everywhere:
+                        return "stopped"
+            if exhausted and run.step % run.steps_per_epoch:  # epoch ended short (batches lost to corrupt records)
+                run.step = (epoch + 1) * run.steps_per_epoch
+            if evaluate is not None and run.step % run.steps_per_epoch == 0:
+                evaluate(run, run.step // run.steps_per_epoch)
+        return "done"
+    finally:
+        stop.restore()
+
+
+def _check_and_log(run: Run, parts: dict, nonfinite: torch.Tensor, stop_requested: bool, checked_from: int, log_now: bool) -> bool:
+    """The sync point: all-reduce (losses, NaN flag, stop flag), raise on NaN, log. Returns 'stop on all ranks'."""
+    names = sorted(parts)
+    packed = torch.stack([parts[n].float() for n in names] + [nonfinite.float(), torch.tensor(float(stop_requested), device=run.device)])
+    if run.world_size > 1:
+        flags = packed[-2:].clone()
+        dist.all_reduce(packed)  # sum
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        packed = torch.cat([packed[:-2] / run.world_size, flags])
+    values = packed.tolist()  # CPU-GPU sync here (log step)
+    if values[-2] > 0:
+        raise NonFiniteLoss(
+            f"loss became NaN/inf between step {checked_from} and step {run.step}; stopping. "
+            f"Last good checkpoint: {run.last_checkpoint or 'none written yet'}. Lower optim.lr, check the data, "
+            f"or resume from that checkpoint with a different seed."
+        )
+    if log_now:
+        losses = dict(zip(names, values[:-2]))
+        epoch = run.step / run.steps_per_epoch
+        temperatures = run.losses.teacher_temperatures(epoch)
+        run.telemetry.log_step(run.step, epoch, losses, run.schedules.at(run.step - 1), temperatures,
+                               extra={"skipped_records": run.loader.skipped})
+    return values[-1] > 0
+
+
+def _checkpoint_due(run: Run, ckpt_cfg) -> bool:
+    if ckpt_cfg.every_steps and run.step % ckpt_cfg.every_steps == 0:
+        return True
+    at_epoch_end = run.step % run.steps_per_epoch == 0
+    epoch = run.step // run.steps_per_epoch
+    return at_epoch_end and ckpt_cfg.every_epochs > 0 and epoch % ckpt_cfg.every_epochs == 0
+
+
+def save_run_checkpoint(run: Run) -> Path:
+    path = save_checkpoint(
+        run.run_dir / "checkpoints", run.step, engine=run.engine, teacher=run.teacher, losses=run.losses,
+        loader_state=run.loader.state_dict(), extra={"epoch": run.step / run.steps_per_epoch},
+        keep_last=run.cfg.checkpoint.keep_last,
+    )
+    run.telemetry.restart_interval(run.step)  # saving is not training time
+    run.last_checkpoint_step = run.step
+    return path
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,184 @@
+"""`deepspeed train/main.py --config configs/X.yaml [section.key=value ...]` (or plain `python train/main.py`).
+
+Top-down, in DINO's order: config -> distributed init -> data -> student, teacher, losses -> DeepSpeed
+engine -> schedules -> resume -> loop (log, checkpoint, k-NN every N epochs) -> final checkpoint,
+k-NN and (optionally) the baseline comparison. `--benchmark N` runs `--warmup-steps` steps, then N
+timed steps, and prints images/s, data-wait %, step time, MFU and peak memory (no checkpoints, no
+evaluation). The `--local_rank` that the DeepSpeed launcher appends is accepted and ignored (the rank
+comes from the environment).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python train/main.py`: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+from model import SSLModel, build_losses, count_step_flops
+from pipeline.loader import build_loader
+from train.checkpoint import find_checkpoint, load_checkpoint, restore_rng
+from train.config import ConfigError, TrainConfig, load_config, save_config
+from train.engine import build_student_engine, init_distributed, make_teacher
+from train.knn import format_comparison, knn_accuracy, raw_pixel_features
+from train.loop import NonFiniteLoss, Run, save_run_checkpoint, train_loop
+from train.restore import random_init_model
+from train.schedules import build_schedules
+from train.telemetry import Telemetry, peak_flops
+
+logger = logging.getLogger("train.main")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Train a dense self-supervised ViT (DINO, ADCLR, SelfPatch, RegionCL, FLSL).")
+    parser.add_argument("--config", action="append", metavar="YAML",
+                        help="preset (configs/*.yaml); repeat to add overlays (later wins); omitted = the built-in defaults")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.001 data.batch_size=32")
+    parser.add_argument("--benchmark", type=int, default=0, metavar="STEPS",
+                        help="time STEPS steps after warm-up and print throughput (default: 0 = train)")
+    parser.add_argument("--warmup-steps", type=int, default=5, help="untimed steps before --benchmark timing (default: 5)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return 2
+    try:
+        result = train(cfg, benchmark_steps=args.benchmark, warmup_steps=args.warmup_steps)
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as error:
+        logger.error("%s", error)
+        return 1
+    return 0 if result in ("done", "stopped") else 1
+
+
+def train(cfg: TrainConfig, benchmark_steps: int = 0, warmup_steps: int = 5) -> str:
+    """Run one training (or benchmark); returns "done" or "stopped" (signal)."""
+    device = resolve_device(cfg.device)
+    if benchmark_steps:  # one telemetry interval from the end of warm-up to the last step
+        cfg = dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, every_steps=10**9))
+    run = build_run(cfg, device, benchmark_steps, warmup_steps)
+    if benchmark_steps:
+        train_loop(run, benchmark_warmup=min(warmup_steps, run.total_steps - 1))
+        print_benchmark(run, benchmark_steps)
+        run.telemetry.close()
+        return "done"
+    result = train_loop(run, evaluate=periodic_knn)
+    if result == "done":
+        if run.last_checkpoint_step != run.step:
+            run.last_checkpoint = save_run_checkpoint(run)
+        if cfg.eval.train_path and cfg.eval.at_end:
+            final_knn(run)
+    run.telemetry.close()
+    return result
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda requested but torch.cuda.is_available() is false")
+    return torch.device(name)
+
+
+def build_run(cfg: TrainConfig, device: torch.device, benchmark_steps: int = 0, warmup_steps: int = 5) -> Run:
+    if cfg.cpu_threads:
+        torch.set_num_threads(cfg.cpu_threads)
+    rank, world_size = init_distributed(device)
+    if rank != 0:  # one voice: other ranks report only warnings and errors
+        logging.getLogger().setLevel(logging.WARNING)
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    run_dir = Path(cfg.run_dir)
+    if rank == 0:
+        save_config(cfg, run_dir)
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank (DeepSpeed also broadcasts rank 0's)
+    loader = build_loader(cfg.data, cfg.recipe, device=device, rank=rank, world_size=world_size, seed=cfg.seed)
+    student = SSLModel(cfg.model, cfg.methods)
+    teacher = make_teacher(student, device)
+    losses = build_losses(cfg.methods, cfg.model).to(device)
+    engine, group_kinds, ds_config = build_student_engine(cfg, student, cfg.data.batch_size, device)
+    if rank == 0:
+        (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+    global_batch = cfg.data.batch_size * world_size
+    schedules = build_schedules(cfg.optim, cfg.schedule, len(loader), global_batch)
+    total_steps = schedules.total_steps
+    if cfg.schedule.max_steps:
+        total_steps = min(total_steps, cfg.schedule.max_steps)
+    if benchmark_steps:
+        total_steps = min(schedules.total_steps, warmup_steps + benchmark_steps)
+    run = Run(cfg=cfg, run_dir=run_dir, device=device, rank=rank, world_size=world_size, loader=loader, engine=engine,
+              group_kinds=group_kinds, teacher=teacher, losses=losses, schedules=schedules, telemetry=None,
+              total_steps=total_steps)
+    checkpoint = None if benchmark_steps else find_checkpoint(run_dir / "checkpoints", cfg.checkpoint.resume)
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, engine=engine, teacher=teacher, losses=losses)
+        run.step, run.last_checkpoint, run.last_checkpoint_step = state["step"], checkpoint, state["step"]
+        loader.load_state_dict(state["loader"])
+        restore_rng(state["rng"])
+    run.telemetry = Telemetry(
+        run_dir, rank=rank, device=device, total_steps=total_steps, images_per_step=global_batch, world_size=world_size,
+        flops_per_image=count_step_flops(cfg.model, cfg.methods, cfg.recipe),
+        peak_flops=peak_flops(device, cfg.log.peak_tflops), log_cfg=cfg.log, start_step=run.step,
+    )
+    logger.info("rank %d/%d on %s: %d steps/epoch, %d steps (from %d), global batch %d, peak lr %.3g",
+                rank, world_size, device, len(loader), total_steps, run.step, global_batch, schedules.lr.max())
+    return run
+
+
+def periodic_knn(run: Run, epoch: int) -> None:
+    """k-NN of the teacher every `eval.every_epochs` epochs (not after the last one: `final_knn` does that)."""
+    every = run.cfg.eval.every_epochs
+    if run.cfg.eval.train_path and every and epoch % every == 0 and run.step < run.total_steps:
+        results = knn_accuracy(run.teacher.features, run.cfg.eval, run.device, workers=run.cfg.data.workers)
+        run.evaluations.append({"step": run.step, **results})
+        run.telemetry.log_eval(run.step, run.step / run.steps_per_epoch, results)
+        run.telemetry.restart_interval(run.step)
+
+
+def final_knn(run: Run) -> dict:
+    """k-NN of the trained teacher; with `eval.compare_baselines`, also random-init and raw pixels."""
+    cfg = run.cfg
+    results = {"trained teacher": knn_accuracy(run.teacher.features, cfg.eval, run.device, workers=cfg.data.workers)}
+    run.telemetry.log_eval(run.step, run.step / run.steps_per_epoch, results["trained teacher"])
+    if cfg.eval.compare_baselines:
+        random_model = random_init_model(cfg, run.device)
+        results["random-init backbone"] = knn_accuracy(random_model.features, cfg.eval, run.device, workers=cfg.data.workers)
+        results["raw pixels"] = knn_accuracy(raw_pixel_features, cfg.eval, run.device, workers=cfg.data.workers)
+        if run.rank == 0:
+            (run.run_dir / "knn_comparison.json").write_text(json.dumps(results, indent=2) + "\n")
+            print(format_comparison(results), flush=True)
+    return results
+
+
+def print_benchmark(run: Run, steps: int) -> None:
+    record = run.telemetry.last
+    if run.rank != 0 or not record:
+        return
+    mfu = "n/a" if record["mfu"] is None else f"{100 * record['mfu']:.2f}%"
+    print(f"benchmark: {steps} steps after warm-up, global batch {run.telemetry.images_per_step}, "
+          f"{run.world_size} rank(s) on {run.device}\n"
+          f"  images/s          {record['images_per_second']:.1f}\n"
+          f"  step time         {record['step_time_s'] * 1000:.1f} ms\n"
+          f"  data wait         {100 * record['data_wait_fraction']:.1f}%\n"
+          f"  MFU               {mfu} (peak {run.telemetry.peak / 1e12:.2f} TFLOP/s, "
+          f"{run.telemetry.flops_per_image / 1e9:.2f} GFLOP/image)\n"
+          f"  peak memory       {record['peak_memory_gib']:.2f} GiB", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

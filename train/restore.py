@@ -1,0 +1,45 @@
+"""Read a trained teacher back from a run folder or a checkpoint, without DeepSpeed.
+
+Used by `train.eval_knn`, `train.eval_linear` and `train.export`. A run folder resolves to its
+`checkpoints/latest`; a checkpoint folder's run is two levels up (its `config.yaml` says how to build
+the model). Only `trainer.pt` is read (the teacher is saved there whole on rank 0), so this works
+whatever ZeRO stage or number of ranks wrote the checkpoint.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from model import SSLModel
+from train.checkpoint import find_checkpoint
+from train.config import TrainConfig, load_config
+
+
+def resolve(path: str | Path) -> tuple[Path, Path]:
+    """(run folder, checkpoint folder) from either of them."""
+    path = Path(path)
+    if (path / "config.yaml").is_file():
+        checkpoint = find_checkpoint(path / "checkpoints", "auto")
+        if checkpoint is None:
+            raise FileNotFoundError(f"{path} has no complete checkpoint under {path / 'checkpoints'}")
+        return path, checkpoint
+    if (path / "trainer.pt").is_file():
+        return path.parent.parent, path
+    raise FileNotFoundError(f"{path} is neither a run folder (with config.yaml) nor a checkpoint (with trainer.pt)")
+
+
+def load_teacher(path: str | Path, device: torch.device | str = "cpu") -> tuple[TrainConfig, SSLModel, Path]:
+    """(the run's config, its teacher in eval mode on `device`, the checkpoint folder)."""
+    run_dir, checkpoint = resolve(path)
+    config = load_config(run_dir / "config.yaml")
+    teacher = SSLModel(config.model, config.methods)
+    state = torch.load(checkpoint / "trainer.pt", map_location="cpu", weights_only=False)
+    teacher.load_state_dict(state["teacher"])
+    return config, teacher.to(device).eval().requires_grad_(False), checkpoint
+
+
+def random_init_model(config: TrainConfig, device: torch.device | str = "cpu") -> SSLModel:
+    """The run's architecture freshly initialized from its seed (the k-NN reference point)."""
+    torch.manual_seed(config.seed)
+    return SSLModel(config.model, config.methods).to(device).eval().requires_grad_(False)
