@@ -30,10 +30,17 @@ if ! (cd / && $PYTHON -c "import importlib.util as u, sys; sys.exit(any(u.find_s
     echo "== pip install -e .[test]"
     $PYTHON -m pip install -q -e ".[test]"
 fi
-# The editable install (console script `preprocess`) must point at this checkout, not an older clone.
+# The editable install (console script `preprocess`, imports from anywhere) must point at this checkout
+# and know all four packages; an install made from an older clone or before a package existed does not.
 here=$(pwd -P)
-installed=$(cd / && $PYTHON -c "import importlib.util as u, os; s = u.find_spec('preprocess'); print(os.path.dirname(os.path.dirname(os.path.realpath(s.origin))))" 2>/dev/null || true)
-if [[ $installed != "$here" ]]; then
+mapped=$(cd / && $PYTHON -c "
+import importlib.util as u, os
+roots = set()
+for name in ('pipeline', 'model', 'train', 'preprocess'):
+    spec = u.find_spec(name)
+    roots.add(os.path.dirname(os.path.dirname(os.path.realpath(spec.origin))) if spec and spec.origin else None)
+print(roots.pop() if len(roots) == 1 else '')" 2>/dev/null || true)
+if [[ $mapped != "$here" ]]; then
     echo "== pip install -e . (this checkout: $here)"
     $PYTHON -m pip install -q --no-deps -e .
 fi

@@ -23,22 +23,6 @@ NUM_IMAGES = 12  # 3 classes x 4; sizes cycle (48, 64), (64, 48), (56, 56)
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("folder")
-    imagefactory.make_image_folder(root, num_classes=3, per_class=4)
-    return root
-
-
-@pytest.fixture(scope="module")
-def beton(folder, tmp_path_factory):
-    from preprocess.build import build_ffcv
-
-    path = tmp_path_factory.mktemp("beton") / "tiny.beton"
-    build_ffcv(folder, path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def broken_folder(folder, tmp_path_factory):
     """The tiny folder plus, in a last class, one garbage file and one truncated JPEG (indices 12, 13)."""
     root = tmp_path_factory.mktemp("broken")

@@ -10,28 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-import imagefactory
 from pipeline.loader import DataConfig, build_eval_loader, build_loader, rank_batches
 from pipeline.recipe import recipe_preset
 
 NUM_IMAGES = 12
 BACKENDS = ("dali", "ffcv", "reference")
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("folder")
-    imagefactory.make_image_folder(root, num_classes=3, per_class=4)
-    return root
-
-
-@pytest.fixture(scope="module")
-def beton(folder, tmp_path_factory):
-    from preprocess.build import build_ffcv
-
-    path = tmp_path_factory.mktemp("beton") / "tiny.beton"
-    build_ffcv(folder, path)
-    return path
 
 
 @pytest.fixture(scope="module")

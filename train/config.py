@@ -21,6 +21,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 
 from model import MethodsConfig, ModelConfig
@@ -194,3 +195,11 @@ def _arch_patch_size(arch: str) -> int:
             return int(part[5:])
     return 16
 
+
+def resolve_device(name: str) -> torch.device:
+    """The `device` setting ("auto", "cuda" or "cpu") as a torch device; "cuda" without CUDA is an error."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda requested but torch.cuda.is_available() is false")
+    return torch.device(name)

@@ -12,8 +12,8 @@ import json
 import logging
 import sys
 
-import torch
 
+from train.config import resolve_device
 from train.knn import format_comparison, knn_accuracy, raw_pixel_features
 from train.restore import load_teacher, random_init_model
 
@@ -39,8 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = resolve_device(args.device)
     config, teacher, checkpoint = load_teacher(args.path, device)
     overrides = {name: getattr(args, name) for name in ("train_path", "test_path", "image_size", "batch_size", "k",
                                                         "temperature", "max_train_samples", "max_test_samples")

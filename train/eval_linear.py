@@ -20,6 +20,7 @@ import sys
 import torch
 from torch import nn
 
+from train.config import resolve_device
 from train.knn import extract_features
 from train.restore import load_teacher
 
@@ -71,8 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = resolve_device(args.device)
     config, teacher, checkpoint = load_teacher(args.path, device)
     train_path, test_path = args.train_path or config.eval.train_path, args.test_path or config.eval.test_path
     if not train_path or not test_path:

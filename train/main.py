@@ -24,7 +24,7 @@ import torch
 from model import SSLModel, build_losses, count_step_flops
 from pipeline.loader import build_loader
 from train.checkpoint import find_checkpoint, load_checkpoint, restore_rng
-from train.config import ConfigError, TrainConfig, load_config, save_config
+from train.config import ConfigError, TrainConfig, load_config, resolve_device, save_config
 from train.engine import build_student_engine, init_distributed, make_teacher
 from train.knn import format_comparison, knn_accuracy, raw_pixel_features
 from train.loop import NonFiniteLoss, Run, save_run_checkpoint, train_loop
@@ -85,14 +85,6 @@ def train(cfg: TrainConfig, benchmark_steps: int = 0, warmup_steps: int = 5) -> 
             final_knn(run)
     run.telemetry.close()
     return result
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: cuda requested but torch.cuda.is_available() is false")
-    return torch.device(name)
 
 
 def build_run(cfg: TrainConfig, device: torch.device, benchmark_steps: int = 0, warmup_steps: int = 5) -> Run:
