@@ -3,10 +3,11 @@ on all its crops, teacher forward (1x) on its crops. The student's patch embeddi
 not 3x: its input (the pixels) needs no gradient, so backward computes only the weight gradient.
 
 Counted: every matmul (2 FLOPs per multiply-add) of the patch embedding, the blocks (qkv, QK^T, AV, proj,
-MLP), the heads, SelfPatch's aggregation, FLSL's mean shift and its target mix. Attention is counted
-over the full token count T x T (the masked kernels compute it). Not counted: norms, softmaxes,
-elementwise ops, the SelfPatch similarity search (one [P, P] cosine matrix per teacher view, 2 P^2 D:
-0.3% of a ViT-S/16 forward at 224 px): all below 1%.
+MLP), the heads, SelfPatch's aggregation, FLSL's mean shift and its teacher target
+(`SSLModel.complete_teacher`: the cross-view mix of the teacher's tokens + the teacher head on the
+mixed tokens, counted as teacher). Attention is counted over the full token count T x T (the masked
+kernels compute it). Not counted: norms, softmaxes, elementwise ops, the SelfPatch similarity search
+(one [P, P] cosine matrix per teacher view, 2 P^2 D: 0.3% of a ViT-S/16 forward at 224 px): all below 1%.
 `tests/test_model_ssl.py` checks the total against `torch.utils.flop_counter.FlopCounterMode`.
 """
 from __future__ import annotations
@@ -113,20 +114,20 @@ def _role_flops(role, methods, shape, dim, depth, mlp_hidden, patch, grid_global
         flops += vit(grid_global, 0) + 2 * head
         embed += 2 * 3 * patch * patch * dim * grid_global
     if methods.flsl.enabled:
-        flops += _flsl_flops(methods, shape, dim, patch, grid_global, grid_local, num_globals, num_locals, teacher)
+        flops += _flsl_flops(methods, shape, dim, patch, grid_global, grid_local, teacher)
     return flops, embed
 
 
-def _flsl_flops(methods, shape, dim, patch, grid_global, grid_local, num_globals, num_locals, teacher) -> float:
+def _flsl_flops(methods, shape, dim, patch, grid_global, grid_local, teacher) -> float:
+    """Student: the FLSL head on the mean-shifted queries + the mean shift. Teacher: the cross-view mix of its
+    global-0 tokens (scores + weighted sum) + its FLSL head on the mixed tokens, one per student query."""
     cfg = methods.flsl
-    head = _head_flops(dim, methods, cfg.out_dim)
-    if teacher:
-        return grid_global * head
     side = lambda size, window: (size[0] // patch // window) * (size[1] // patch // window)  # noqa: E731
-    student_globals = num_globals - 1 if methods.enabled() != ["flsl"] else num_globals
+    student_globals = shape.num_globals - 1  # FLSL's student globals are 1.. whatever else runs
     per_global, per_local = side(shape.global_size, cfg.global_window), side(shape.local_size, cfg.local_window)
-    num_queries = student_globals * per_global + num_locals * per_local
-    mean_shift = 2 * 2 * dim * (student_globals * per_global * grid_global + num_locals * per_local * grid_local)
-    # the loss's target mix (no gradient: counted once, divided by 3 as the caller multiplies by 3)
-    target_mix = 2 * num_queries * grid_global * (dim + cfg.out_dim) / 3.0
-    return num_queries * head + mean_shift + target_mix
+    num_queries = student_globals * per_global + shape.num_locals * per_local
+    head = num_queries * _head_flops(dim, methods, cfg.out_dim)
+    if teacher:
+        return head + 2 * 2 * num_queries * grid_global * dim
+    mean_shift = 2 * 2 * dim * (student_globals * per_global * grid_global + shape.num_locals * per_local * grid_local)
+    return head + mean_shift

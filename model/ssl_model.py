@@ -17,6 +17,11 @@ When only FLSL is on, the student skips global 0 and the teacher runs global 0 a
 should be in eval mode (`teacher.eval()`): DINO's teacher has no drop-path, and timm's DropPath follows
 `self.training`.
 
+Teacher targets that depend on the student's tokens come from a second teacher stage,
+`teacher.complete_teacher(teacher_out, student_out)`, run under `torch.no_grad()` after the student
+forward (`train/step.py` calls it for every method mix). It returns `teacher_out` itself unless a method
+needs it; today only FLSL does (its cross-view mix z_plus, see `model/methods/flsl.py`).
+
 Output keys (G' = global views the role runs, L = locals, B = batch, Q = queries, P = patches of a
 view, K = head dim, K_p = selfpatch.out_dim, K_f = flsl.out_dim, D = width):
 - "cls_logits" [G' (+ L for the student), B, K]: DINO head of the image-level token (final-norm cls;
@@ -29,7 +34,9 @@ view, K = head dim, K_p = selfpatch.out_dim, K_f = flsl.out_dim, D = width):
   tokens inside (0) and outside (1) the paste box.
 - FLSL student: "flsl_queries" [B, N, D] (one token per window, all student views concatenated),
   "flsl_shifted" [B, N, D] (their mean-shifted tokens), "flsl_logits" [B, N, K_f] (head of shifted);
-  teacher: "flsl_teacher_tokens" [B, P, D], "flsl_teacher_logits" [B, P, K_f] (global crop 0).
+  teacher forward: "flsl_teacher_tokens" [B, P, D] (final-norm patch tokens of global crop 0);
+  `complete_teacher` adds "flsl_teacher_target_logits" [B, N, K_f]: the teacher's FLSL head of
+  z_plus_i = sum_j softmax_j(beta_ca z_i . t_j) t_j (z_i = the student's "flsl_queries", detached).
 """
 from __future__ import annotations
 
@@ -100,6 +107,21 @@ class SSLModel(nn.Module):
             out.update(self._flsl_outputs(globals_out, locals_out, global_index, teacher))
         return out
 
+    def complete_teacher(self, teacher_out: dict, student_out: dict) -> dict:
+        """Second teacher stage: the targets that need the student's tokens. Call it on the teacher, under
+        `torch.no_grad()` (and the teacher's autocast), after the student forward. Returns `teacher_out`
+        itself when no enabled method needs it, else a new dict with the added keys."""
+        if not self.methods.flsl.enabled:
+            return teacher_out
+        if "flsl_teacher_tokens" not in teacher_out or "flsl_queries" not in student_out:
+            raise ValueError("SSLModel.complete_teacher: methods.flsl needs the teacher's 'flsl_teacher_tokens' and the "
+                             "student's 'flsl_queries' (pass forward(views, 'teacher') and forward(views, 'student') outputs)")
+        tokens = teacher_out["flsl_teacher_tokens"]  # [B, P, D]
+        beta_ca = self.methods.flsl.beta_ca_scale / math.sqrt(tokens.shape[-1])
+        with torch.autocast(tokens.device.type, enabled=False):  # the mix in fp32 (see model/methods/flsl.py)
+            mixed = mean_shift(student_out["flsl_queries"].detach().float(), tokens.float(), beta_ca)  # z_plus [B, N, D]
+        return {**teacher_out, "flsl_teacher_target_logits": self.flsl_head(mixed)}
+
     def _global_views(self, num_globals: int, teacher: bool) -> list[int]:
         flsl_only = self.methods.enabled() == ["flsl"]
         if flsl_only:
@@ -156,8 +178,7 @@ class SSLModel(nn.Module):
     def _flsl_outputs(self, globals_out, locals_out, global_index: list[int], teacher: bool) -> dict[str, Tensor]:
         cfg = self.methods.flsl
         if teacher:
-            tokens = globals_out.patches[global_index.index(0)]  # [B, P, D]
-            return {"flsl_teacher_tokens": tokens, "flsl_teacher_logits": self.flsl_head(tokens)}
+            return {"flsl_teacher_tokens": globals_out.patches[global_index.index(0)]}  # [B, P, D]
         groups = []
         if globals_out is not None:
             student_globals = [i for i, g in enumerate(global_index) if g != 0]

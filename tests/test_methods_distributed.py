@@ -22,8 +22,7 @@ def flsl_inputs(rank):
     student = {"flsl_queries": torch.randn(2, 3, 4, generator=generator),
                "flsl_shifted": torch.randn(2, 3, 4, generator=generator),
                "flsl_logits": torch.randn(2, 3, 6, generator=generator)}
-    teacher = {"flsl_teacher_tokens": torch.randn(2, 5, 4, generator=generator),
-               "flsl_teacher_logits": torch.randn(2, 5, 6, generator=generator)}
+    teacher = {"flsl_teacher_target_logits": torch.randn(2, 3, 6, generator=generator)}
     return student, teacher
 
 

@@ -242,23 +242,23 @@ def test_flsl_window_queries_and_mean_shift():
 
 
 def test_flsl_loss_matches_loops():
+    """The loss given the teacher's target logits g_t(z_plus); the z_plus mix itself is checked against the
+    paper's formula in tests/test_model_ssl.py (test_flsl_teacher_target_is_the_papers_formula)."""
     torch.manual_seed(5)
     cfg = FlslConfig(out_dim=5)
     loss = FlslLoss(cfg)
-    batch, queries_n, patches, dim = 2, 3, 4, 6
+    batch, queries_n, dim = 2, 3, 6
     student = {"flsl_queries": torch.randn(batch, queries_n, dim), "flsl_shifted": torch.randn(batch, queries_n, dim),
                "flsl_logits": torch.randn(batch, queries_n, 5)}
-    teacher = {"flsl_teacher_tokens": torch.randn(batch, patches, dim), "flsl_teacher_logits": torch.randn(batch, patches, 5)}
+    teacher = {"flsl_teacher_target_logits": torch.randn(batch, queries_n, 5)}
     out = loss(student, teacher, None, STATE)
-    tau_t, beta_ca = cfg.teacher_temperature(STATE.epoch), 0.2 / math.sqrt(dim)
+    tau_t = cfg.teacher_temperature(STATE.epoch)
     ms, km, mean_probs = [], [], [0.0] * 5
     for b in range(batch):
-        teacher_probs = [torch.softmax(teacher["flsl_teacher_logits"][b, j] / tau_t, 0) for j in range(patches)]
         for i in range(queries_n):
             z, z_hat = student["flsl_queries"][b, i], student["flsl_shifted"][b, i]
             ms.append(2 - 2 * float(z @ z_hat) / (float(z.norm()) * float(z_hat.norm())))
-            scores = [math.exp(beta_ca * float(z @ teacher["flsl_teacher_tokens"][b, j])) for j in range(patches)]
-            target = sum(scores[j] / sum(scores) * teacher_probs[j] for j in range(patches))
+            target = torch.softmax(teacher["flsl_teacher_target_logits"][b, i] / tau_t, 0)
             student_probs = torch.softmax(student["flsl_logits"][b, i] / 0.1, 0)
             km.append(-float((target * student_probs.log()).sum()))
             mean_probs = [m + float(p) / (batch * queries_n) for m, p in zip(mean_probs, student_probs)]
@@ -268,12 +268,14 @@ def test_flsl_loss_matches_loops():
     assert out["flsl_vmr"].item() == pytest.approx(vmr, abs=1e-5)
     total = 0.03 * out["flsl_ms"] + 1.0 * out["flsl_km"] + 5.0 * out["flsl_vmr"]
     assert out["flsl"].item() == pytest.approx(total.item(), abs=1e-6)
+    with pytest.raises(ValueError, match="complete_teacher"):
+        loss(student, {"flsl_teacher_tokens": torch.randn(batch, 4, dim)}, None, STATE)
 
 
 def test_flsl_vmr_is_zero_for_uniform_mean_probability():
     cfg = FlslConfig(out_dim=4)
     logits = torch.eye(4).repeat(2, 1, 1)  # each row peaks on a different prototype: the mean is uniform
     student = {"flsl_queries": torch.randn(2, 4, 3), "flsl_shifted": torch.randn(2, 4, 3), "flsl_logits": logits}
-    teacher = {"flsl_teacher_tokens": torch.randn(2, 2, 3), "flsl_teacher_logits": torch.randn(2, 2, 4)}
+    teacher = {"flsl_teacher_target_logits": torch.randn(2, 4, 4)}
     out = FlslLoss(cfg)(student, teacher, None, STATE)
     assert abs(out["flsl_vmr"].item()) < 1e-6

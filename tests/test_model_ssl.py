@@ -1,5 +1,6 @@
 """SSLModel + build_losses end to end on a tiny ViT: every method and their combination."""
 import copy
+import math
 
 import pytest
 import torch
@@ -60,6 +61,7 @@ def test_forward_backward_every_method_and_combination(names):
     views = make_views()
     teacher_out = teacher(views, "teacher")
     student_out = student(views, "student")
+    teacher_out = teacher.complete_teacher(teacher_out, student_out)  # with grad enabled: the losses must stop it
     out = losses(student_out, teacher_out, views, LossState(epoch=0.5, step=5))
     out["loss"].backward()
     assert torch.isfinite(out["loss"])
@@ -75,6 +77,7 @@ def test_output_shapes_follow_the_documented_keys():
     views = make_views()
     with torch.no_grad():
         s, t = student(views, "student"), teacher(views, "teacher")
+        t = teacher.complete_teacher(t, s)
     pg, pl = (32 // PATCH) ** 2, (16 // PATCH) ** 2
     assert s["cls_logits"].shape == (GLOBALS + LOCALS, BATCH, 32) and t["cls_logits"].shape == (GLOBALS, BATCH, 32)
     assert s["query_logits"].shape == t["query_logits"].shape == (GLOBALS, BATCH, QUERIES, 32)
@@ -83,7 +86,47 @@ def test_output_shapes_follow_the_documented_keys():
     assert s["region_logits"].shape == (2, BATCH, 32) and "region_logits" not in t
     assert s["flsl_queries"].shape == s["flsl_shifted"].shape == (BATCH, 1 + LOCALS, 64)  # 4x4 grid w=3: 1; 2x2 w=2: 1
     assert s["flsl_logits"].shape == (BATCH, 1 + LOCALS, 20)
-    assert t["flsl_teacher_tokens"].shape == (BATCH, pg, 64) and t["flsl_teacher_logits"].shape == (BATCH, pg, 20)
+    assert t["flsl_teacher_tokens"].shape == (BATCH, pg, 64) and t["flsl_teacher_target_logits"].shape == (BATCH, 1 + LOCALS, 20)
+    assert "flsl_teacher_logits" not in t  # the teacher head runs on the mixed tokens only
+
+
+@pytest.mark.parametrize("names", COMBINATIONS[:4], ids=lambda names: "+".join(names))
+def test_complete_teacher_is_a_no_op_without_flsl(names):
+    student, teacher, _ = build(names)
+    views = make_views()
+    with torch.no_grad():
+        teacher_out, student_out = teacher(views, "teacher"), student(views, "student")
+        keys = list(teacher_out)
+        assert teacher.complete_teacher(teacher_out, student_out) is teacher_out
+    assert list(teacher_out) == keys
+
+
+@pytest.mark.parametrize("names", [["flsl"], COMBINATIONS[-1]], ids=lambda names: "+".join(names))
+def test_flsl_teacher_target_is_the_papers_formula(names):
+    """p_t = softmax(g_t(z_plus_i) / tau_t), z_plus_i = sum_j softmax_j(beta_ca z_i . t_j) t_j, by loops."""
+    student, teacher, losses = build(names)
+    for parameter in teacher.parameters():  # a teacher that differs from the student: g_t must be the teacher's head
+        parameter.data.add_(0.05 * torch.randn_like(parameter))
+    views = make_views()
+    with torch.no_grad():
+        t, s = teacher(views, "teacher"), student(views, "student")
+        t = teacher.complete_teacher(t, s)
+        out = losses(s, t, views, LossState(epoch=3.0, step=30))
+    queries, tokens = s["flsl_queries"].double(), t["flsl_teacher_tokens"].double()  # [B, N, D], [B, P, D]
+    batch, num_queries, dim = queries.shape
+    beta_ca, tau_t = 0.2 / math.sqrt(dim), methods_config(names).flsl.teacher_temperature(3.0)
+    km = []
+    for b in range(batch):
+        for i in range(num_queries):
+            scores = [math.exp(beta_ca * float(queries[b, i] @ tokens[b, j])) for j in range(tokens.shape[1])]
+            z_plus = sum(score / sum(scores) * tokens[b, j] for j, score in enumerate(scores))
+            with torch.no_grad():
+                logits = teacher.flsl_head(z_plus.float()[None])[0]
+            torch.testing.assert_close(t["flsl_teacher_target_logits"][b, i], logits, rtol=0, atol=1e-5)
+            target = torch.softmax(logits.double() / tau_t, 0)
+            student_log_probs = torch.log_softmax(s["flsl_logits"][b, i].double() / 0.1, 0)
+            km.append(-float((target * student_log_probs).sum()))
+    assert out["flsl_km"].item() == pytest.approx(sum(km) / len(km), abs=1e-5)
 
 
 def test_weighted_combination_is_the_weighted_sum_of_parts():
@@ -136,9 +179,10 @@ def test_short_training_loop_drives_every_loss_down(names):
     history = []
     for step in range(30):
         views = batches[step % 2]
+        student_out = student(views, "student")
         with torch.no_grad():
-            teacher_out = teacher(views, "teacher")
-        out = losses(student(views, "student"), teacher_out, views, LossState(epoch=step / 10, step=step))
+            teacher_out = teacher.complete_teacher(teacher(views, "teacher"), student_out)
+        out = losses(student_out, teacher_out, views, LossState(epoch=step / 10, step=step))
         optimizer.zero_grad()
         out["loss"].backward()
         optimizer.step()
@@ -163,7 +207,10 @@ def test_flop_count_matches_torch_flop_counter(names):
     with counter:
         with torch.no_grad():
             teacher_out = teacher(views, "teacher")
-        out = losses(student(views, "student"), teacher_out, views, LossState())
+        student_out = student(views, "student")
+        with torch.no_grad():
+            teacher_out = teacher.complete_teacher(teacher_out, student_out)
+        out = losses(student_out, teacher_out, views, LossState())
         out["loss"].backward()
     measured = counter.get_total_flops() / 2
     analytic = count_step_flops(TINY, methods_config(names), StepShape.from_views(views))
@@ -194,9 +241,11 @@ def test_bf16_student_and_autocast_teacher_give_float32_logits_and_finite_losses
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         teacher_out = teacher.eval()(views, "teacher")
     student_out = student(views, "student")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        teacher_out = teacher.complete_teacher(teacher_out, student_out)
     for key in ("cls_logits", "query_logits", "selfpatch_global_logits", "region_logits", "flsl_logits"):
         assert student_out[key].dtype == torch.float32, key
-    for key in ("cls_logits", "query_logits", "selfpatch_local_logits", "flsl_teacher_logits"):
+    for key in ("cls_logits", "query_logits", "selfpatch_local_logits", "flsl_teacher_target_logits"):
         assert teacher_out[key].dtype == torch.float32, key
     out = losses(student_out, teacher_out, views, LossState(epoch=0.5, step=5))
     out["loss"].backward()

@@ -1,10 +1,12 @@
 """`train_step`: one optimizer step of any method mix; it knows no method.
 
 teacher forward (no grad, bf16 autocast on an fp32 teacher) -> student forward (the DeepSpeed engine)
--> `losses(...)` (the weighted sum + detached parts; centres update inside) -> backward -> step ->
-teacher EMA. Nothing here reads a tensor back to the host: the loss parts stay on the device and the
-caller syncs only on log steps. `nonfinite` accumulates on the device whether any loss so far was
-NaN/inf, so the check costs no sync until the caller looks.
+-> `teacher.complete_teacher(...)` (same no grad / autocast: the teacher targets that need the student's
+tokens, e.g. FLSL's; the teacher's dict unchanged for other methods) -> `losses(...)` (the weighted sum
++ detached parts; centres update inside) -> backward -> step -> teacher EMA. Nothing here reads a
+tensor back to the host: the loss parts stay on the device and the caller syncs only on log steps.
+`nonfinite` accumulates on the device whether any loss so far was NaN/inf, so the check costs no sync
+until the caller looks.
 """
 from __future__ import annotations
 
@@ -32,6 +34,8 @@ def train_step(engine, group_kinds, teacher, losses, views, state: LossState, va
     with torch.no_grad(), teacher_autocast(views.device, bf16):
         teacher_out = teacher(views, role="teacher")
     student_out = engine(views, role="student")
+    with torch.no_grad(), teacher_autocast(views.device, bf16):
+        teacher_out = teacher.complete_teacher(teacher_out, student_out)
     loss_parts = losses(student_out, teacher_out, views, state)
     engine.backward(loss_parts["loss"])
     engine.step()

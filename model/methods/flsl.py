@@ -5,20 +5,34 @@ crop 0, which only the teacher sees. z = student final-norm patch tokens; one qu
 window (w = 3 on globals, 2 on locals).
 - Mean shift (in the model, `mean_shift`): z_hat_i = sum_j softmax_j(beta z_i . z_j) z_j over all
   tokens j of the same view, beta = beta_scale / sqrt(D). L_ms = mean(2 - 2 cos(z_i, z_hat_i)).
-- k-means: a_ij = softmax_j(beta_ca z_i . t_j) over the teacher's tokens t of its global view,
-  beta_ca = beta_ca_scale / sqrt(D); p_s = softmax(g_s(z_hat_i) / 0.1); L_km = CE(p_t, p_s).
+- k-means: z_plus_i = sum_j softmax_j(beta_ca z_i . t_j) t_j over the teacher's final-norm tokens t of
+  its global view, beta_ca = beta_ca_scale / sqrt(D); p_t = softmax(g_t(z_plus_i) / tau_t) (no
+  gradient), p_s = softmax(g_s(z_hat_i) / 0.1); L_km = CE(p_t, p_s).
 - VMR = sum_k p_bar_k log p_bar_k + log K, p_bar = mean student probability (all tokens, all ranks).
 - total = 0.03 L_ms + 1.0 L_km + 5.0 VMR (no image-level term).
 
-Decisions:
-- Teacher target (deviation, for a method-agnostic step): the paper's p_t = softmax(g_t(z_plus_i)/tau_t)
-  with z_plus_i = sum_j a_ij t_j needs the teacher head on a mix that depends on the student's tokens,
-  i.e. a teacher call after the student's. We use p_t = sum_j a_ij softmax(g_t(t_j)/tau_t) instead:
-  the same attention-weighted mean shift, taken on the teacher's per-token assignments. The teacher
-  then runs once, before the student, on its own view only.
-- a_ij uses z_i detached (p_t is a target, no gradient through it).
+Where the teacher target is computed: z_plus needs the student's tokens, so the teacher runs in two
+stages: `SSLModel.forward(views, "teacher")` before the student (its global-0 tokens t), then
+`SSLModel.complete_teacher(teacher_out, student_out)` after it (`train/step.py`), which mixes t with
+the student's queries and applies the teacher's FLSL head: "flsl_teacher_target_logits" [B, N, K_f].
+This loss only sharpens those logits with tau_t. The teacher's FLSL head runs on the N mixed tokens only
+(34 per image with the ViT-S/16 preset), not on its P = 196 tokens.
+
+Decisions (checked against the released code, QingSuML/FLSL `main_flsl.py` `train_one_batch` and
+`utils.flsl_meanshift`):
+- The cross-attention query z_i is the student's raw final-norm query token (the released code passes
+  the student's backbone output `enc_s` at the window positions, not its mean-shifted token), taken
+  detached here (the released code does not detach it, but it detaches the teacher's logits before the
+  loss, so no gradient flows through the mix either way).
+- The mix is over the teacher's final tokens (its backbone output after the last norm) and g_t is the
+  teacher's FLSL head applied to the mix (the released `layernorm_on_mode` default is off: no extra norm).
+- beta_ca = 0.2 / sqrt(D): the released default is the constant 0.2 / sqrt(384), i.e. this for ViT-S;
+  we scale with the width. Its optional cosine schedule of beta / beta_ca is not implemented (the
+  defaults keep them constant).
+- The mix runs in float32 with autocast off (the teacher runs under bf16 autocast): B x N x P x D, cheap.
 - Query token of a window: its centre cell (index w // 2 inside the window); a grid side that is not a
-  multiple of w leaves the remainder rows/columns without queries (14 / 3 -> 4 x 4 = 16 queries).
+  multiple of w leaves the remainder rows/columns without queries (14 / 3 -> 4 x 4 = 16 queries). (The
+  released code takes the window's first cell and, on 14 / 3, a random corner-aligned 12 x 12 block.)
 - Means are over all query tokens of all student views together (token-weighted).
 - VMR's p_bar: the other ranks' contribution enters as a constant (all-reduce has no gradient).
 """
@@ -76,7 +90,7 @@ def mean_shift(queries: Tensor, tokens: Tensor, beta: float) -> Tensor:
 
 class FlslLoss(nn.Module):
     """Reads student "flsl_queries", "flsl_shifted" [B, N, D] and "flsl_logits" [B, N, K]; teacher
-    "flsl_teacher_tokens" [B, P, D] and "flsl_teacher_logits" [B, P, K]."""
+    "flsl_teacher_target_logits" [B, N, K] (g_t(z_plus), from `SSLModel.complete_teacher`)."""
 
     name = "flsl"
 
@@ -86,15 +100,15 @@ class FlslLoss(nn.Module):
 
     def forward(self, student_out: dict, teacher_out: dict, views, state) -> dict[str, Tensor]:
         cfg = self.cfg
+        if "flsl_teacher_target_logits" not in teacher_out:
+            raise ValueError("FlslLoss: teacher_out has no 'flsl_teacher_target_logits'; call "
+                             "teacher.complete_teacher(teacher_out, student_out) after the student forward (train_step does)")
         queries, shifted = student_out["flsl_queries"].float(), student_out["flsl_shifted"].float()
         student_logits = student_out["flsl_logits"]
-        teacher_tokens = teacher_out["flsl_teacher_tokens"].detach().float()
-        teacher_probs = torch.softmax(teacher_out["flsl_teacher_logits"].detach().float() / cfg.teacher_temperature(state.epoch), dim=-1)
+        teacher_logits = teacher_out["flsl_teacher_target_logits"].detach().float()
 
         ms = (2.0 - 2.0 * F.cosine_similarity(queries, shifted, dim=-1)).mean()
-        beta_ca = cfg.beta_ca_scale / math.sqrt(queries.shape[-1])
-        attention = torch.softmax(beta_ca * queries.detach() @ teacher_tokens.transpose(1, 2), dim=-1)  # [B, N, P]
-        targets = attention @ teacher_probs  # [B, N, K]
+        targets = torch.softmax(teacher_logits / cfg.teacher_temperature(state.epoch), dim=-1)  # [B, N, K]
         km = cross_entropy(targets, student_logits, cfg.student_temp).mean()
 
         student_probs = torch.softmax(student_logits.float() / cfg.student_temp, dim=-1)
