@@ -103,7 +103,10 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(beton, tmp_p
 @pytest.mark.slow
 def test_sigterm_saves_then_resume_finishes(beton, tmp_path):
     config = write_tiny_config(tmp_path, beton, tmp_path / "run")
-    command = [sys.executable, str(REPO / "train" / "main.py"), "--config", str(config), "schedule.max_steps=400"]
+    # 100 epochs x 6 steps: the run cannot finish on its own before the signal, however slow the machine
+    # (with the preset's 2 epochs = 12 steps, a late signal landed after the last step and nothing was left to resume).
+    command = [sys.executable, str(REPO / "train" / "main.py"), "--config", str(config), "schedule.epochs=100",
+               "schedule.max_steps=400"]
     launcher_vars = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # set by in-process runs
     env = {**{k: v for k, v in os.environ.items() if k not in launcher_vars}, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -124,5 +127,5 @@ def test_sigterm_saves_then_resume_finishes(beton, tmp_path):
                             capture_output=True, text=True, timeout=180)
     assert resume.returncode == 0, resume.stdout[-2000:] + resume.stderr[-3000:]
     steps = [r["step"] for r in read_metrics(tmp_path / "run")]
-    assert steps[-2:] == [stopped_at + 1, stopped_at + 2]
+    assert steps[-2:] == [stopped_at + 1, stopped_at + 2], (output[-3000:], resume.stdout[-3000:] + resume.stderr[-3000:])
     assert steps == list(range(1, stopped_at + 3))
