@@ -9,7 +9,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 shared=${SHARED:-../shared}
-grep -qx '/.gpu-data/' .git/info/exclude 2>/dev/null || echo '/.gpu-data/' >> .git/info/exclude
 mkdir -p .gpu-data
 work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
 if [[ ! -f .gpu-data/photos.beton ]]; then
