@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -32,7 +33,7 @@ import psutil
 import torch
 
 from pipeline.loader import DataConfig, ViewsLoader, build_loader
-from pipeline.recipe import recipe_preset
+from pipeline.recipe import PRESET_NAMES, recipe_preset
 
 logger = logging.getLogger(__name__)
 BENCH_BACKENDS = ("dali", "ffcv", "reference", "dali-ops")
@@ -45,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where decode and views run")
     parser.add_argument("--data", required=True, help="a .beton file or an image folder")
-    parser.add_argument("--recipe", default="adclr", help="view recipe preset: dino|adclr|selfpatch|regioncl|flsl")
+    parser.add_argument("--recipe", default="adclr", choices=PRESET_NAMES, help="view recipe preset")
     parser.add_argument("--swap", action="store_true", help="also make RegionCL swaps (e.g. 'ADCLR + swaps')")
     parser.add_argument("--tiny", action="store_true", help="shrink the recipe to 32/16/8 px crops/patches (smoke tests)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per batch")
@@ -61,7 +62,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true", help="split time per batch into read/decode/views/transfer")
     parser.add_argument("--seed", type=int, default=0, help="order and views seed")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not os.path.exists(args.data):  # one line and exit code 2, not a traceback from inside the loader
+        parser.error(f"--data {args.data}: no such .beton file or image folder")
+    return args
 
 
 @dataclass

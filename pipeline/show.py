@@ -3,7 +3,9 @@
     python -m pipeline.show --data DIR_OR.beton --recipe adclr --out views.png [--batch-size 4] [--seed 0] [--swap]
 
 Rows per image: the source with every box drawn (globals red, locals blue, queries yellow), then its
-global crops, local crops, query crops (enlarged), and the RegionCL composite with the paste box (green).
+global crops, local crops, query crops (enlarged), and the RegionCL composite with the paste box (green);
+a legend line at the top says so. Unreadable images in the folder (or .beton) are skipped and counted.
+Bad input (missing --data, a single file, --batch-size < 1) is a one-line error with exit code 2.
 Standalone on purpose: it decodes a few JPEGs with PIL into a `DecodedBatch` itself (the canvas layout of
 `pipeline.views`), so it needs no decode backend; a `.beton` is read through `preprocess.beton`.
 """
@@ -27,6 +29,10 @@ logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 TILE = 112  # pixels per view in the picture
 BOX_COLOURS = {"global": (230, 40, 40), "local": (40, 110, 240), "query": (250, 210, 0), "paste": (30, 200, 60)}
+LEGEND_ENTRIES = (("global", "red = global"), ("local", "blue = local"), ("query", "yellow = query"),
+                  ("paste", "green = paste box"))
+LEGEND_HEIGHT = 40  # pixels above the rows for the legend
+LEGEND_WIDTH = 560  # the picture is at least this wide so the legend's text fits (PIL's default font)
 
 
 def images_to_batch(images: list[np.ndarray], canvas_size: int, index: list[int] | None = None) -> DecodedBatch:
@@ -50,22 +56,46 @@ def images_to_batch(images: list[np.ndarray], canvas_size: int, index: list[int]
     )
 
 
-def load_images(data: Path, count: int) -> list[np.ndarray]:
-    """`count` images spread evenly over an image folder (recursive, sorted) or a `.beton`, as RGB arrays."""
-    if data.suffix == ".beton":
+class ShowDataError(ValueError):
+    """`--data` cannot be shown: missing, not a folder or .beton, or no readable image in it."""
+
+
+def load_images(data: Path, count: int) -> tuple[list[np.ndarray], int]:
+    """Up to `count` images spread evenly over an image folder (recursive, sorted) or a `.beton`.
+
+    Returns (RGB arrays, number of unreadable images skipped). Raises `ShowDataError` (or the
+    reader's `BetonError`) when there is nothing to show.
+    """
+    if data.suffix == ".beton" and data.is_file():
         from preprocess.beton import open_beton  # the preprocess engineer's reader
 
         dataset = open_beton(data)
-        total = len(dataset)
-        blobs = [dataset.jpeg_bytes(i * total // count).tobytes() for i in range(min(count, total))]
-        return [np.asarray(Image.open(io.BytesIO(blob)).convert("RGB")) for blob in blobs]
-    if not data.is_dir():
-        raise FileNotFoundError(f"--data {data}: not an image folder or a .beton file")
-    paths = sorted(p for p in data.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
-        raise FileNotFoundError(f"--data {data}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
-    paths = [paths[i * len(paths) // count] for i in range(min(count, len(paths)))]  # spread over classes
-    return [np.asarray(Image.open(path).convert("RGB")) for path in paths]
+        picks = spread(len(dataset), count)
+        opened = [lambda i=i: Image.open(io.BytesIO(dataset.jpeg_bytes(i).tobytes())) for i in picks]
+    elif data.is_dir():
+        paths = sorted(p for p in data.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not paths:
+            raise ShowDataError(f"--data {data}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+        opened = [lambda path=paths[i]: Image.open(path) for i in spread(len(paths), count)]  # spread over classes
+    else:
+        what = "does not exist" if not data.exists() else "is not an image folder or a .beton file"
+        raise ShowDataError(f"--data {data}: {what}")
+    images, skipped = [], 0
+    for open_image in opened:
+        try:
+            images.append(np.asarray(open_image().convert("RGB")))
+        except (OSError, ValueError, Image.DecompressionBombError) as error:  # truncated, not an image, ...
+            logger.warning("--data %s: skipping an unreadable image (%s)", data, error)
+            skipped += 1
+    if not images:
+        raise ShowDataError(f"--data {data}: all {skipped} chosen images are unreadable")
+    return images, skipped
+
+
+def spread(total: int, count: int) -> list[int]:
+    """min(count, total) distinct indices spread evenly over range(total), starting at 0."""
+    count = min(count, total)
+    return [i * total // count for i in range(count)]
 
 
 def to_pixels(crop: torch.Tensor, mean: tuple, std: tuple) -> Image.Image:
@@ -93,6 +123,21 @@ def draw_sources(batch: DecodedBatch, views: Views) -> list[Image.Image]:
     return sources
 
 
+def draw_legend(picture: Image.Image, queries: bool, swap: bool) -> None:
+    """Two lines at the top: what each box colour means (kinds this recipe makes), and the row/column layout."""
+    pen = ImageDraw.Draw(picture)
+    left = 4
+    for kind, label in LEGEND_ENTRIES:
+        if (kind == "paste" and not swap) or (kind == "query" and not queries):
+            continue
+        pen.rectangle([left, 5, left + 10, 15], fill=BOX_COLOURS[kind])
+        pen.text((left + 14, 4), label, fill=(0, 0, 0))
+        left += 14 + round(pen.textlength(label)) + 12
+    layout = "each row = one image: source with boxes | global crops | local crops"
+    layout += (" | query crops" if queries else "") + (" | composite" if swap else "")
+    pen.text((4, 22), layout, fill=(0, 0, 0))
+
+
 def render(batch: DecodedBatch, views: Views, mean: tuple, std: tuple) -> Image.Image:
     """One row per image: source with boxes | globals | locals | queries | composite (paste box)."""
     sources = draw_sources(batch, views)
@@ -111,9 +156,11 @@ def render(batch: DecodedBatch, views: Views, mean: tuple, std: tuple) -> Image.
     gap = 4
     row_height = max(TILE, max(source.height for source in sources))
     width = max(source.width for source in sources) + gap + max(len(tiles) for _, tiles in rows) * (TILE + gap)
-    picture = Image.new("RGB", (width, len(rows) * (row_height + gap)), (255, 255, 255))
+    width = max(width, LEGEND_WIDTH)
+    picture = Image.new("RGB", (width, LEGEND_HEIGHT + len(rows) * (row_height + gap)), (255, 255, 255))
+    draw_legend(picture, queries=views.query_boxes.shape[1] > 0, swap=views.swap is not None)
     for r, (source, tiles) in enumerate(rows):
-        top = r * (row_height + gap)
+        top = LEGEND_HEIGHT + r * (row_height + gap)
         picture.paste(source, (0, top))
         left = max(s.width for s in sources) + gap
         for j, tile in enumerate(tiles):
@@ -121,26 +168,40 @@ def render(batch: DecodedBatch, views: Views, mean: tuple, std: tuple) -> Image.
     return picture
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Draw one batch's views (boxes on the source, every crop).")
+    parser = argparse.ArgumentParser(prog="python -m pipeline.show",
+                                     description="Draw one batch's views (boxes on the source, every crop).")
     parser.add_argument("--data", type=Path, required=True, help="image folder or .beton file")
     parser.add_argument("--recipe", default="adclr", choices=PRESET_NAMES, help="recipe preset (default: adclr)")
     parser.add_argument("--out", type=Path, default=Path("views.png"), help="output PNG (default: views.png)")
-    parser.add_argument("--batch-size", type=int, default=4, help="images to show (default: 4)")
+    parser.add_argument("--batch-size", type=positive_int, default=4, help="images to show, >= 1 (default: 4)")
     parser.add_argument("--seed", type=int, default=0, help="generator seed (default: 0)")
     parser.add_argument("--swap", action="store_true", help="also make RegionCL composites (on in regioncl)")
-    parser.add_argument("--canvas-size", type=int, default=512, help="decode canvas side in pixels (default: 512)")
+    parser.add_argument("--canvas-size", type=positive_int, default=512,
+                        help="decode canvas side in pixels (default: 512)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     recipe = recipe_preset(args.recipe)
     if args.swap:
         recipe = dataclasses.replace(recipe, swap=dataclasses.replace(recipe.swap, enabled=True))
-    batch = images_to_batch(load_images(args.data, args.batch_size), args.canvas_size)
+    try:
+        images, skipped = load_images(args.data, args.batch_size)
+    except ValueError as error:  # ShowDataError, or the .beton reader's BetonError (a ValueError)
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    batch = images_to_batch(images, args.canvas_size)
     engine = ViewsEngine(recipe, device="cpu", dtype=torch.float32)
     views = engine.make_views(batch, torch.Generator().manual_seed(args.seed)).validate()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     render(batch, views, recipe.mean, recipe.std).save(args.out)
-    print(f"wrote {args.out} ({batch.batch_size} images, recipe {args.recipe}, seed {args.seed})")
+    unreadable = f", {skipped} unreadable skipped" if skipped else ""
+    print(f"wrote {args.out} ({batch.batch_size} images{unreadable}, recipe {args.recipe}, seed {args.seed})")
 
 
 if __name__ == "__main__":

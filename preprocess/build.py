@@ -50,6 +50,14 @@ class BuildError(RuntimeError):
     """The build cannot start: bad output path."""
 
 
+class OutputExistsError(BuildError):
+    """The output (or its manifest) exists and `overwrite` is False; `.path` is the existing file."""
+
+    def __init__(self, path: Path):
+        super().__init__(f"{path}: already exists; pass overwrite=True to replace it")
+        self.path = path
+
+
 class NothingWrittenError(BuildError):
     """Every input was skipped; the reasons are in the skipped report."""
 
@@ -127,7 +135,7 @@ def _check_output(out_path: Path, overwrite: bool) -> None:
     manifest_path, _ = sidecar_paths(out_path)
     existing = [p for p in (out_path, manifest_path) if p.exists()]
     if existing and not overwrite:
-        raise BuildError(f"{existing[0]}: already exists; pass --overwrite (overwrite=True) to replace it")
+        raise OutputExistsError(existing[0])  # the CLI words it as --overwrite
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:

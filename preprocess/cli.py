@@ -3,19 +3,22 @@
 Exit codes: 0 success; 1 the work ran but failed (nothing written, records failing verify);
 2 bad input (missing/empty source, existing output without --overwrite, unwritable output,
 invalid .beton, bad option); 130 Ctrl-C; 143 SIGTERM. SIGTERM is turned into an exception so the
-partial files are removed, as for Ctrl-C.
+partial files are removed, as for Ctrl-C. An OSError (e.g. a full disk) names the file being worked on.
+A closed stdout (`preprocess inspect --json X | head`) ends the command quietly (exit 1, no message),
+following the Python docs' recipe for BrokenPipeError (stdout redirected to devnull before exiting).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
 
 from preprocess.beton import BetonError
-from preprocess.build import TOOL_VERSION, BuildError, NothingWrittenError, build_ffcv
+from preprocess.build import TOOL_VERSION, BuildError, NothingWrittenError, OutputExistsError, build_ffcv
 from preprocess.check import format_inspection, inspect_beton, verify_beton
 from preprocess.sources import SourceError
 
@@ -47,11 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     progress.add_argument("--no-progress", dest="progress", action="store_false")
 
     inspect = commands.add_parser("inspect", help="counts, classes, size histogram, bytes per image")
-    inspect.add_argument("beton")
+    inspect.add_argument("beton", help="the .beton file (its X.manifest.json must be beside it)")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
 
-    verify = commands.add_parser("verify", help="decode every record; exit 1 on any failure")
-    verify.add_argument("beton")
+    verify_text = ("check every record: the stored CRC32 of its bytes, a full JPEG decode, RGB mode, the stored "
+                   "height/width and the label range, then the manifest's per-class counts; exit 1 on any failure")
+    verify = commands.add_parser("verify", help="check every record's CRC32 and decode; exit 1 on any failure",
+                                 description=verify_text)
+    verify.add_argument("beton", help="the .beton file (its X.manifest.json must be beside it)")
     verify.add_argument("--workers", type=int, default=1, help="decoding processes (default: 1)")
     return parser
 
@@ -101,10 +107,19 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _raise_on_sigterm) if in_main_thread else None
     commands = {"build-ffcv": run_build, "inspect": run_inspect, "verify": run_verify}
     try:
-        return commands[args.command](args)
+        code = commands[args.command](args)
+        sys.stdout.flush()  # here, so a closed pipe is handled below and not at interpreter exit
+        return code
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the final flush at exit must not fail again
+        return 1
     except KeyboardInterrupt:
         print("preprocess: interrupted; partial output removed", file=sys.stderr)
         return 130
+    except OutputExistsError as error:
+        print(f"preprocess: error: {error.path}: already exists; pass --overwrite to replace it", file=sys.stderr)
+        return 2
     except NothingWrittenError as error:
         print(f"preprocess: error: {error}", file=sys.stderr)
         return 1
@@ -112,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"preprocess: error: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # e.g. the disk filled up while writing
-        print(f"preprocess: error: {error}", file=sys.stderr)
+        where = "" if error.filename else f"{getattr(args, 'out', None) or args.beton}: "
+        print(f"preprocess: error: {where}{error}", file=sys.stderr)
         return 1
     finally:
         if in_main_thread:

@@ -47,3 +47,14 @@ def test_bench_profile_splits_the_time(beton, backend, stages):
     results = run_bench(beton, backend, "--profile", "--workers", "1")
     split = results["backends"][0]["ms_per_batch_by_stage"]
     assert stages <= set(split) and all(value >= 0 for value in split.values())
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--data", "/nowhere/x.beton"], "--data /nowhere/x.beton: no such .beton file or image folder"),
+    (["--recipe", "foo"], "argument --recipe: invalid choice: 'foo'"),
+])
+def test_bench_bad_input_is_a_one_line_error_with_exit_code_2(beton, capsys, extra, message):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--device", "cpu", "--data", str(beton), *extra])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in error and "Traceback" not in error

@@ -1,9 +1,10 @@
-"""`python -m pipeline.show` draws one batch's views from an image folder into a PNG."""
+"""`python -m pipeline.show` draws one batch's views from an image folder (or .beton) into a PNG."""
+import numpy as np
 import pytest
 from PIL import Image
 
-from imagefactory import make_image_folder
-from pipeline.show import main
+from imagefactory import expected_mean_rgb, make_image_folder
+from pipeline.show import BOX_COLOURS, LEGEND_HEIGHT, load_images, main
 
 
 def test_show_writes_a_picture_with_one_row_per_image(tmp_path, capsys):
@@ -12,10 +13,69 @@ def test_show_writes_a_picture_with_one_row_per_image(tmp_path, capsys):
     main(["--data", str(tmp_path / "images"), "--recipe", "regioncl", "--out", str(out), "--batch-size", "3",
           "--canvas-size", "64"])
     picture = Image.open(out)
-    assert picture.height >= 3 * 112 and picture.width > 13 * 112  # source + 2 globals + 10 locals + composite
+    assert picture.height >= LEGEND_HEIGHT + 3 * 112 and picture.width > 13 * 112  # source + 2 globals + 10 locals + composite
     assert "wrote" in capsys.readouterr().out
 
 
-def test_show_names_a_missing_folder(tmp_path):
-    with pytest.raises(FileNotFoundError, match="--data"):
-        main(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "v.png")])
+def test_show_draws_a_legend_with_every_box_colour(tmp_path):
+    make_image_folder(tmp_path / "images", num_classes=1, per_class=2)
+    out = tmp_path / "views.png"
+    main(["--data", str(tmp_path / "images"), "--recipe", "adclr", "--swap", "--out", str(out), "--canvas-size", "64"])
+    legend = np.asarray(Image.open(out).convert("RGB"))[:LEGEND_HEIGHT]
+    for colour in BOX_COLOURS.values():  # each colour's swatch (a filled 11x11 square) is in the legend band
+        mask = (legend == np.array(colour, dtype=np.uint8)).all(axis=-1)
+        assert np.lib.stride_tricks.sliding_window_view(mask, (11, 11)).all(axis=(-2, -1)).any(), colour
+    assert (legend.sum(axis=-1) < 150).sum() > 200  # black legend text
+
+
+def mean_colour_indices(images):
+    """The imagefactory colour index of each loaded image (mean colour within 4 of the expected base)."""
+    found = []
+    for pixels in images:
+        mean = pixels.reshape(-1, 3).mean(axis=0)
+        found += [n for n in range(5) if np.abs(mean - np.array(expected_mean_rgb(n))).max() < 4]
+    return found
+
+
+def test_batch_larger_than_the_dataset_shows_every_image_once(tmp_path):
+    from preprocess.build import build_ffcv
+
+    make_image_folder(tmp_path / "images", num_classes=1, per_class=5)
+    images, skipped = load_images(tmp_path / "images", 8)
+    assert skipped == 0 and mean_colour_indices(images) == [0, 1, 2, 3, 4]
+    build_ffcv(tmp_path / "images", tmp_path / "five.beton")
+    images, skipped = load_images(tmp_path / "five.beton", 8)
+    assert skipped == 0 and mean_colour_indices(images) == [0, 1, 2, 3, 4]
+    images, _ = load_images(tmp_path / "images", 2)
+    assert mean_colour_indices(images) == [0, 2]  # still spread when the dataset is larger
+
+
+def test_unreadable_image_is_skipped_and_counted(tmp_path, capsys):
+    paths = make_image_folder(tmp_path / "images", num_classes=1, per_class=4)
+    paths[1].write_bytes(paths[1].read_bytes()[:300])  # a truncated JPEG
+    out = tmp_path / "views.png"
+    main(["--data", str(tmp_path / "images"), "--recipe", "dino", "--out", str(out), "--canvas-size", "64"])
+    assert "wrote" in (printed := capsys.readouterr().out) and "(3 images, 1 unreadable skipped," in printed
+    for path in paths:
+        path.write_bytes(b"not a jpeg")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--data", str(tmp_path / "images"), "--out", str(out)])
+    assert exit_info.value.code == 2 and "all 4 chosen images are unreadable" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "nowhere: does not exist"),
+    ("file", "a.jpg: is not an image folder or a .beton file"),
+    ("missing_beton", "gone.beton: does not exist"),
+    ("batch_zero", "--batch-size: must be >= 1, got 0"),
+])
+def test_bad_input_is_a_one_line_error_with_exit_code_2(tmp_path, capsys, case, message):
+    paths = make_image_folder(tmp_path / "images", num_classes=1, per_class=1)
+    data = {"missing": tmp_path / "nowhere", "file": paths[0].rename(tmp_path / "a.jpg"),
+            "missing_beton": tmp_path / "gone.beton", "batch_zero": tmp_path / "images"}[case]
+    extra = ["--batch-size", "0"] if case == "batch_zero" else []
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--data", str(data), "--out", str(tmp_path / "v.png"), *extra])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in error and "Traceback" not in error
+    assert error.strip().splitlines()[-1].startswith("python -m pipeline.show: error:")

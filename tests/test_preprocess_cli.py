@@ -1,6 +1,7 @@
 """preprocess CLI and failure handling: interrupted builds leave nothing valid-looking; clear errors."""
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -13,9 +14,10 @@ import pytest
 
 import imagefactory
 import preprocess.build
+import preprocess.writer
 from preprocess.beton import open_beton
-from preprocess.build import BuildError, NothingWrittenError, build_ffcv
-from preprocess.cli import main
+from preprocess.build import BuildError, NothingWrittenError, OutputExistsError, build_ffcv
+from preprocess.cli import build_parser, main
 from preprocess.sources import SourceError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,7 +97,7 @@ def test_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="jpeg_quality"):
         build_ffcv(tmp_path / "src", tmp_path / "a.beton", jpeg_quality=0)
     build_ffcv(tmp_path / "src", tmp_path / "a.beton")
-    with pytest.raises(BuildError, match="already exists; pass --overwrite"):
+    with pytest.raises(OutputExistsError, match="already exists; pass overwrite=True to replace it"):
         build_ffcv(tmp_path / "src", tmp_path / "a.beton")
     assert build_ffcv(tmp_path / "src", tmp_path / "a.beton", overwrite=True).num_written == 2
 
@@ -120,7 +122,8 @@ def test_cli_build_summary_and_exit_codes(tmp_path, capsys):
     assert "written 4, skipped 1" in printed and "images/s" in printed and "zero.jpg: empty file" in printed
     assert open_beton(out).manifest["options"]["jpeg_quality"] == 85
     assert main(["build-ffcv", str(tmp_path / "src"), out]) == 2
-    assert "already exists" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert f"{out}: already exists; pass --overwrite to replace it" in error and "overwrite=True" not in error
     assert main(["build-ffcv", str(tmp_path / "missing"), str(tmp_path / "b.beton")]) == 2
     assert main(["verify", str(tmp_path / "missing.beton")]) == 2
     (tmp_path / "bad" / "c").mkdir(parents=True)
@@ -129,3 +132,33 @@ def test_cli_build_summary_and_exit_codes(tmp_path, capsys):
     result = subprocess.run([sys.executable, "-m", "preprocess", "inspect", out], cwd=REPO,
                             capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert result.returncode == 0 and "4 images" in result.stdout
+
+
+def test_cli_os_error_names_the_output(tmp_path, monkeypatch, capsys):
+    imagefactory.make_image_folder(tmp_path / "src", num_classes=1, per_class=2)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")  # as a write() raises it: no file name
+    monkeypatch.setattr(preprocess.writer.BetonWriter, "append", disk_full)
+    out = tmp_path / "set.beton"
+    assert main(["build-ffcv", str(tmp_path / "src"), str(out), "--no-progress"]) == 1
+    assert f"preprocess: error: {out}: [Errno 28] No space left on device" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [tmp_path / "src"]
+
+
+def test_cli_closed_stdout_ends_quietly(tmp_path):
+    imagefactory.make_image_folder(tmp_path / "src", num_classes=1, per_class=2)
+    build_ffcv(tmp_path / "src", tmp_path / "set.beton")
+    child = subprocess.Popen([sys.executable, "-m", "preprocess", "inspect", "--json", str(tmp_path / "set.beton")],
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child.stdout.close()  # like `| head` that has already exited: every write is a broken pipe
+    error = child.stderr.read()
+    assert child.wait(timeout=60) == 1 and error == ""
+
+
+def test_cli_help_explains_the_arguments():
+    commands = build_parser()._subparsers._group_actions[0].choices
+    for name in ("inspect", "verify"):
+        beton = next(action for action in commands[name]._actions if action.dest == "beton")
+        assert ".beton file" in beton.help
+    assert "CRC32" in commands["verify"].format_help()
