@@ -124,3 +124,43 @@ def test_every_shipped_preset_loads(preset):
     config = load_config(CONFIGS / preset, overrides)
     assert isinstance(config, TrainConfig)
     assert to_plain(config)["deepspeed"]["zero_stage"] in (0, 1, 2, 3)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["methods.adclr.enabled=true"], "methods.adclr.enabled: needs query crops: set recipe.queries.count > 0"),
+    (["methods.regioncl.enabled=true"], "methods.regioncl.enabled: needs region-swap composites: set recipe.swap.enabled=true"),
+    (["methods.dino.enabled=false", "methods.flsl.enabled=true"], "methods.flsl.enabled: needs nested crops: set recipe.nested=true"),
+])
+def test_methods_need_their_views_at_load_time(tmp_path, capsys, overrides, message):
+    """A method whose views the recipe does not make is a config error, not a crash at the first forward."""
+    from train.main import main
+
+    path = write_tiny_config(tmp_path, tmp_path / "x.beton", tmp_path / "run")
+    with pytest.raises(ConfigError, match=f"^{message}"):
+        load_config(path, overrides)
+    assert main(["--config", str(path), *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"config error: {message}") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+    fixed = {"methods.adclr.enabled=true": "recipe.queries.count=3", "methods.regioncl.enabled=true": "recipe.swap.enabled=true",
+             "methods.flsl.enabled=true": "recipe.nested=true"}
+    load_config(path, [*overrides, fixed[overrides[-1]]])  # with the views made, the same methods load
+
+
+@pytest.mark.parametrize("overrides, key", [
+    ([], "data.path"),
+    (["eval.train_path={beton}", "eval.test_path={missing}"], "eval.test_path"),
+    (["eval.train_path={missing}", "eval.test_path={beton}"], "eval.train_path"),
+])
+def test_main_checks_data_files_exist_before_writing_anything(tmp_path, capsys, overrides, key):
+    from train.main import main
+
+    beton, missing = tmp_path / "real.beton", tmp_path / "nope.beton"
+    beton.write_bytes(b"")
+    data = missing if key == "data.path" else beton
+    path = write_tiny_config(tmp_path, data, tmp_path / "run")
+    overrides = [o.format(beton=beton, missing=missing) for o in overrides]
+    assert main(["--config", str(path), *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"config error: {key}: '{missing}' does not exist") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()

@@ -109,3 +109,13 @@ def test_eval_linear_cli_and_raw_pixel_features(trained_run, capsys):
                                         device=torch.device("cpu"), workers=0, max_samples=10)
     assert features.shape == (10, 3 * 16 * 16) and labels.tolist() == [0] * 8 + [1] * 2
     torch.testing.assert_close(features.norm(dim=1), torch.ones(10))
+
+
+@pytest.mark.parametrize("module", ["eval_knn", "eval_linear"])
+def test_eval_clis_report_a_missing_run_in_one_line(tmp_path, capsys, module):
+    import importlib
+
+    main = importlib.import_module(f"train.{module}").main
+    assert main([str(tmp_path / "nope"), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == (f"{module}: {tmp_path / 'nope'} does not exist; pass a run folder (with config.yaml "
+                                       f"and checkpoints/) or a checkpoint folder (with trainer.pt)\n")

@@ -46,3 +46,15 @@ def test_export_refuses_a_non_safetensors_name(tmp_path, capsys):
 
     assert main([str(tmp_path), str(tmp_path / "teacher.pt")]) == 2
     assert ".safetensors" in capsys.readouterr().err
+
+
+def test_export_of_a_missing_or_empty_run_is_a_one_line_error(tmp_path, capsys):
+    from train.export import main
+
+    assert main([str(tmp_path / "nope"), str(tmp_path / "out.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"export: {tmp_path / 'nope'} does not exist; pass a run folder (with config.yaml and checkpoints/) "
+                   f"or a checkpoint folder (with trainer.pt)\n")
+    assert main([str(tmp_path), str(tmp_path / "out.safetensors")]) == 2  # exists, but is neither
+    assert capsys.readouterr().err == f"export: {tmp_path} is neither a run folder (with config.yaml) nor a checkpoint (with trainer.pt)\n"
+    assert not (tmp_path / "out.safetensors").exists()

@@ -2,6 +2,13 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -118,16 +125,71 @@ def test_a_few_steps_per_method_and_zero_stage(method, beton, tmp_path):
 
 
 @pytest.mark.slow
-def test_benchmark_mode_prints_throughput_figures(beton, tmp_path, capsys):
+def test_benchmark_mode_prints_throughput_figures(beton, tmp_path, capsys, monkeypatch):
     from test_train_support import write_tiny_config
     from train.main import main
 
-    config = write_tiny_config(tmp_path, beton, tmp_path / "bench")
+    # The configured run folder holds a finished run: a benchmark must leave it exactly as it was.
+    run_dir = tmp_path / "bench"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    finished = {"config.yaml": "seed: 7\n", "metrics.jsonl": '{"kind": "train", "step": 12}\n'}
+    for name, text in finished.items():
+        (run_dir / name).write_text(text)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    config = write_tiny_config(tmp_path, beton, run_dir, log={"tensorboard": True})
     assert main(["--config", str(config), "--benchmark", "3", "--warmup-steps", "1"]) == 0
     printed = capsys.readouterr().out
     for figure in ("images/s", "step time", "data wait", "MFU", "peak memory"):
         assert figure in printed, figure
     assert "3 steps after warm-up" in printed
-    assert not (tmp_path / "bench" / "checkpoints").exists()  # benchmarks write no checkpoints
-    records = read_metrics(tmp_path / "bench")
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl"]
+    assert {name: (run_dir / name).read_text() for name in finished} == finished
+    assert not any((run_dir / "checkpoints").iterdir())
+    (bench_dir,) = (tmp_path / "tmp").glob("densessl-benchmark-*")
+    assert not (bench_dir / "checkpoints").exists()  # benchmarks write no checkpoints
+    records = read_metrics(bench_dir)
     assert [r["step"] for r in records] == [4]  # one interval: from the end of warm-up to the last step
+
+
+@pytest.mark.slow
+def test_rerunning_a_finished_run_says_nothing_to_train(beton, tmp_path, caplog):
+    from train.main import train
+
+    config = tiny_config(tmp_path, beton, tmp_path / "run", ["schedule.max_steps=2"])
+    assert train(config) == "done"
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert train(config) == "done"
+    expected = f"nothing to train: {tmp_path / 'run'} is complete at step 2 (checkpoint.resume=none to start over)"
+    assert expected in caplog.messages
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2]
+
+
+def test_stop_signal_is_ignored_in_forked_children(caplog):
+    """Ctrl-C reaches the whole process group; a forked DataLoader worker inherits the handler and must
+    neither log "received signal" (it printed that line a second time) nor take the request."""
+    from train.loop import StopSignal
+
+    stop = StopSignal()
+    try:
+        child = os.fork()
+        if child == 0:  # the child: deliver SIGINT to itself, report whether the handler took it
+            os.kill(os.getpid(), signal.SIGINT)
+            os._exit(3 if stop.requested else 0)
+        _, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert not stop.requested
+        with caplog.at_level(logging.WARNING):
+            os.kill(os.getpid(), signal.SIGINT)  # the trainer's own process does take it, once
+        assert stop.requested
+        assert sum("received signal 2" in m for m in caplog.messages) == 1
+    finally:
+        stop.restore()
+
+
+def test_help_does_not_import_deepspeed():
+    """`train/main.py --help` parses arguments before torch/DeepSpeed are imported (it took 3.5 s)."""
+    code = "import sys, train.main; train.main.parse_args(['--benchmark', '3']); print(sorted(m for m in ('torch', 'deepspeed') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent)
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr

@@ -140,6 +140,7 @@ class TrainConfig:
         _check(bool(self.eval.train_path) == bool(self.eval.test_path), "eval.test_path", "set both eval.train_path and eval.test_path, or neither")
         want = "bfloat16" if self.deepspeed.bf16 else "float32"
         _check(self.data.dtype == want, "data.dtype", f"must be {want!r} when deepspeed.bf16 is {self.deepspeed.bf16} (the student's weights are {want})")
+        _check_views_for_methods(self.methods, self.recipe)
         patch = self.model.patch_size or _arch_patch_size(self.model.arch)
         _check(patch == self.recipe.patch_size, "recipe.patch_size",
                f"{self.recipe.patch_size} differs from the model's patch size {patch} (model.patch_size / model.arch)")
@@ -181,6 +182,25 @@ def _validate_section(name: str, section) -> None:
     except ValueError as error:
         message = str(error)
         raise ConfigError(message if message.startswith(name) else f"{name}: {message}") from None
+
+
+def _check_views_for_methods(methods, recipe) -> None:
+    """Each enabled method's views must be made by the recipe (else the first forward pass fails)."""
+    _check(not methods.adclr.enabled or recipe.queries.count > 0, "methods.adclr.enabled",
+           "needs query crops: set recipe.queries.count > 0 (or start from `recipe: adclr`)")
+    _check(not methods.regioncl.enabled or recipe.swap.enabled, "methods.regioncl.enabled",
+           "needs region-swap composites: set recipe.swap.enabled=true (or start from `recipe: regioncl`)")
+    _check(not methods.flsl.enabled or recipe.nested, "methods.flsl.enabled",
+           "needs nested crops: set recipe.nested=true (or start from `recipe: flsl`)")
+
+
+def check_paths(config: TrainConfig) -> None:
+    """The data files a run reads exist (checked before anything is built or written)."""
+    for key, value in (("data.path", config.data.path), ("eval.train_path", config.eval.train_path),
+                       ("eval.test_path", config.eval.test_path)):
+        if key == "data.path" or value:
+            _check(bool(value) and Path(value).exists(), key,
+                   f"{value!r} does not exist (build one with `preprocess build-ffcv SRC OUT.beton`, or fix {key})")
 
 
 def _check(condition: bool, key: str, message: str) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from train.restore import load_teacher
+from train.restore import load_teacher, missing_run_message
 
 
 def timm_kwargs(model_cfg) -> dict:
@@ -54,7 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.out.endswith(".safetensors"):
         print(f"export: {args.out} should end in .safetensors (timm picks the loader by extension)", file=sys.stderr)
         return 2
-    info = export_teacher(args.path, args.out)
+    try:
+        info = export_teacher(args.path, args.out)
+    except FileNotFoundError as error:
+        print(f"export: {missing_run_message(args.path, error)}", file=sys.stderr)
+        return 2
     kwargs = ", ".join(f"{k}={v!r}" for k, v in info["kwargs"].items())
     print(f"wrote {args.out} (teacher backbone of {info['checkpoint']})\n"
           f"load: timm.create_model({info['arch']!r}, pretrained=True, "

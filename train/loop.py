@@ -5,7 +5,9 @@ is written; between them the loop only launches work. Consequences (decisions):
 - A NaN/inf loss is recorded on the device (`nonfinite`) every step and checked on the next log step
   or before any checkpoint, whichever comes first; then the run stops with `NonFiniteLoss`, and since
   no checkpoint is written without that check, the newest checkpoint is always a finite one.
-- SIGTERM / SIGINT set a flag. With one rank it is honoured after the current step; with several it is
+- SIGTERM / SIGINT set a flag, in the trainer's process only: Ctrl-C reaches the whole process group,
+  and forked DataLoader workers inherit the handler (that was a second "received signal" line); they
+  ignore it and are shut down by the trainer. With one rank it is honoured after the current step; with several it is
   all-reduced on log steps (a signal that reached only some ranks must not start a collective save
   on those alone), so the stop comes within `log.every_steps` steps. Then a checkpoint, then exit 0.
 - Fetching a batch runs inside `torch.random.fork_rng`: a loader that draws from the global torch RNG
@@ -17,6 +19,7 @@ is written; between them the loop only launches work. Consequences (decisions):
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -68,9 +71,12 @@ class StopSignal:
 
     def __init__(self):
         self.requested = False
+        self.pid = os.getpid()
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame):
+        if os.getpid() != self.pid:  # a forked DataLoader worker inherited this handler: the trainer decides
+            return
         logger.warning("received signal %d: saving a checkpoint after this step, then exiting "
                        "(send it again to stop at once)", signum)
         self.requested = True

@@ -4,7 +4,9 @@ Top-down, in DINO's order: config -> distributed init -> data -> student, teache
 engine -> schedules -> resume -> loop (log, checkpoint, k-NN every N epochs) -> final checkpoint,
 k-NN and (optionally) the baseline comparison. `--benchmark N` runs `--warmup-steps` steps, then N
 timed steps, and prints images/s, data-wait %, step time, MFU and peak memory (no checkpoints, no
-evaluation). The `--local_rank` that the DeepSpeed launcher appends is accepted and ignored (the rank
+evaluation, no resume); its config/metrics go to a fresh temporary folder (logged), never to `run_dir`.
+The data files are checked to exist before anything is built; a finished run re-run logs "nothing to
+train" and exits 0. The `--local_rank` that the DeepSpeed launcher appends is accepted and ignored (the rank
 comes from the environment).
 """
 from __future__ import annotations
@@ -14,23 +16,14 @@ import dataclasses
 import json
 import logging
 import sys
+import tempfile
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python train/main.py`: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch
-
-from model import SSLModel, build_losses, count_step_flops
-from pipeline.loader import build_loader
-from train.checkpoint import find_checkpoint, load_checkpoint, restore_rng
-from train.config import ConfigError, TrainConfig, load_config, resolve_device, save_config
-from train.engine import build_student_engine, init_distributed, make_teacher
-from train.knn import format_comparison, knn_accuracy, raw_pixel_features
-from train.loop import NonFiniteLoss, Run, save_run_checkpoint, train_loop
-from train.restore import random_init_model
-from train.schedules import build_schedules
-from train.telemetry import Telemetry, peak_flops
+# torch, DeepSpeed, the model and the pipeline are imported inside the functions that use them, after
+# the arguments are parsed: `--help` and argument errors stay instant and free of DeepSpeed's warnings.
 
 logger = logging.getLogger("train.main")
 
@@ -50,11 +43,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from train.config import ConfigError, check_paths, load_config
+
     try:
         cfg = load_config(args.config, args.overrides)
+        check_paths(cfg)
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
+    from train.loop import NonFiniteLoss  # imports DeepSpeed (through train.engine)
+
     try:
         result = train(cfg, benchmark_steps=args.benchmark, warmup_steps=args.warmup_steps)
     except ConfigError as error:
@@ -66,15 +64,23 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if result in ("done", "stopped") else 1
 
 
-def train(cfg: TrainConfig, benchmark_steps: int = 0, warmup_steps: int = 5) -> str:
-    """Run one training (or benchmark); returns "done" or "stopped" (signal)."""
+def train(cfg, benchmark_steps: int = 0, warmup_steps: int = 5) -> str:
+    """Run one training (or benchmark) of a TrainConfig; returns "done" or "stopped" (signal)."""
+    from train.config import resolve_device
+    from train.loop import save_run_checkpoint, train_loop
+
     device = resolve_device(cfg.device)
-    if benchmark_steps:  # one telemetry interval from the end of warm-up to the last step
-        cfg = dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, every_steps=10**9))
+    if benchmark_steps:
+        cfg = benchmark_config(cfg)
     run = build_run(cfg, device, benchmark_steps, warmup_steps)
     if benchmark_steps:
         train_loop(run, benchmark_warmup=min(warmup_steps, run.total_steps - 1))
         print_benchmark(run, benchmark_steps)
+        run.telemetry.close()
+        return "done"
+    if run.step >= run.total_steps:
+        logger.info("nothing to train: %s is complete at step %d (checkpoint.resume=none to start over)",
+                    run.run_dir, run.step)
         run.telemetry.close()
         return "done"
     result = train_loop(run, evaluate=periodic_knn)
@@ -87,7 +93,28 @@ def train(cfg: TrainConfig, benchmark_steps: int = 0, warmup_steps: int = 5) -> 
     return result
 
 
-def build_run(cfg: TrainConfig, device: torch.device, benchmark_steps: int = 0, warmup_steps: int = 5) -> Run:
+def benchmark_config(cfg):
+    """A benchmark never touches the configured run folder: it writes into a fresh temporary one, does
+    not resume, and logs once (one telemetry interval from the end of warm-up to the last step)."""
+    run_dir = tempfile.mkdtemp(prefix="densessl-benchmark-")
+    logger.info("benchmark: writing into %s (not %s)", run_dir, cfg.run_dir)
+    return dataclasses.replace(cfg, run_dir=run_dir, log=dataclasses.replace(cfg.log, every_steps=10**9),
+                               checkpoint=dataclasses.replace(cfg.checkpoint, resume="none"))
+
+
+def build_run(cfg, device, benchmark_steps: int = 0, warmup_steps: int = 5):
+    """Everything of a run (a `train.loop.Run`): distributed init, loader, models, engine, resume, telemetry."""
+    import torch
+
+    from model import SSLModel, build_losses, count_step_flops
+    from pipeline.loader import build_loader
+    from train.checkpoint import find_checkpoint, load_checkpoint, restore_rng
+    from train.config import save_config
+    from train.engine import build_student_engine, init_distributed, make_teacher
+    from train.loop import Run
+    from train.schedules import build_schedules
+    from train.telemetry import Telemetry, peak_flops
+
     if cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
     rank, world_size = init_distributed(device)
@@ -132,8 +159,10 @@ def build_run(cfg: TrainConfig, device: torch.device, benchmark_steps: int = 0, 
     return run
 
 
-def periodic_knn(run: Run, epoch: int) -> None:
+def periodic_knn(run, epoch: int) -> None:
     """k-NN of the teacher every `eval.every_epochs` epochs (not after the last one: `final_knn` does that)."""
+    from train.knn import knn_accuracy
+
     every = run.cfg.eval.every_epochs
     if run.cfg.eval.train_path and every and epoch % every == 0 and run.step < run.total_steps:
         results = knn_accuracy(run.teacher.features, run.cfg.eval, run.device, workers=run.cfg.data.workers)
@@ -142,8 +171,11 @@ def periodic_knn(run: Run, epoch: int) -> None:
         run.telemetry.restart_interval(run.step)
 
 
-def final_knn(run: Run) -> dict:
+def final_knn(run) -> dict:
     """k-NN of the trained teacher; with `eval.compare_baselines`, also random-init and raw pixels."""
+    from train.knn import format_comparison, knn_accuracy, raw_pixel_features
+    from train.restore import random_init_model
+
     cfg = run.cfg
     results = {"trained teacher": knn_accuracy(run.teacher.features, cfg.eval, run.device, workers=cfg.data.workers)}
     run.telemetry.log_eval(run.step, run.step / run.steps_per_epoch, results["trained teacher"])
@@ -157,7 +189,7 @@ def final_knn(run: Run) -> dict:
     return results
 
 
-def print_benchmark(run: Run, steps: int) -> None:
+def print_benchmark(run, steps: int) -> None:
     record = run.telemetry.last
     if run.rank != 0 or not record:
         return

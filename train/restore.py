@@ -29,6 +29,13 @@ def resolve(path: str | Path) -> tuple[Path, Path]:
     raise FileNotFoundError(f"{path} is neither a run folder (with config.yaml) nor a checkpoint (with trainer.pt)")
 
 
+def missing_run_message(path: str | Path, error: FileNotFoundError) -> str:
+    """The one-line CLI error for a run/checkpoint path that `resolve` could not use."""
+    if not Path(path).exists():
+        return f"{path} does not exist; pass a run folder (with config.yaml and checkpoints/) or a checkpoint folder (with trainer.pt)"
+    return str(error)
+
+
 def load_teacher(path: str | Path, device: torch.device | str = "cpu") -> tuple[TrainConfig, SSLModel, Path]:
     """(the run's config, its teacher in eval mode on `device`, the checkpoint folder)."""
     run_dir, checkpoint = resolve(path)
