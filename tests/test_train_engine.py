@@ -166,6 +166,19 @@ def test_rerunning_a_finished_run_says_nothing_to_train(beton, tmp_path, caplog)
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2]
 
 
+def test_rerunning_a_finished_run_prints_its_saved_knn_table(beton, tmp_path, capsys):
+    from train.main import train
+
+    config = tiny_config(tmp_path, beton, tmp_path / "run", ["schedule.max_steps=2"])
+    assert train(config) == "done"
+    saved = {"trained teacher": {"knn_top1": 71.25, "knn_top5": 97.5}, "raw pixels": {"knn_top1": 80.0, "knn_top5": 99.0}}
+    (tmp_path / "run" / "knn_comparison.json").write_text(json.dumps(saved))
+    capsys.readouterr()
+    assert train(config) == "done"
+    printed = capsys.readouterr().out
+    assert "trained teacher" in printed and "71.25" in printed and "80.00" in printed
+
+
 def test_stop_signal_is_ignored_in_forked_children(caplog):
     """Ctrl-C reaches the whole process group; a forked DataLoader worker inherits the handler and must
     neither log "received signal" (it printed that line a second time) nor take the request."""

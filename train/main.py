@@ -81,6 +81,7 @@ def train(cfg, benchmark_steps: int = 0, warmup_steps: int = 5) -> str:
     if run.step >= run.total_steps:
         logger.info("nothing to train: %s is complete at step %d (checkpoint.resume=none to start over)",
                     run.run_dir, run.step)
+        print_saved_comparison(run)
         run.telemetry.close()
         return "done"
     result = train_loop(run, evaluate=periodic_knn)
@@ -169,6 +170,15 @@ def periodic_knn(run, epoch: int) -> None:
         run.evaluations.append({"step": run.step, **results})
         run.telemetry.log_eval(run.step, run.step / run.steps_per_epoch, results)
         run.telemetry.restart_interval(run.step)
+
+
+def print_saved_comparison(run) -> None:
+    """A finished run re-run (e.g. `scripts/setup.sh` a second time) shows the k-NN table it ended with."""
+    from train.knn import format_comparison
+
+    saved = run.run_dir / "knn_comparison.json"
+    if run.rank == 0 and saved.exists():
+        print(format_comparison(json.loads(saved.read_text())), flush=True)
 
 
 def final_knn(run) -> dict:
