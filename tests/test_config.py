@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from test_train_support import tiny_config, write_tiny_config
+from pipeline.recipe import recipe_preset
 from train.config import TrainConfig, load_config, save_config
 from train.dataclass_yaml import ConfigError, apply_override, build, load_yaml_chain, to_plain
 
@@ -164,3 +165,22 @@ def test_main_checks_data_files_exist_before_writing_anything(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert err.startswith(f"config error: {key}: '{missing}' does not exist") and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_fields_over_a_preset_name_keep_the_preset(tmp_path):
+    """An overlay (configs/cpu_smoke.yaml) or a dotted override that sets recipe fields on a preset that
+    names its recipe (`recipe: adclr`) changes those fields of the ADCLR recipe, not of the defaults."""
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("recipe:\n  global_views: {size: 32}\n  patch_size: 8\n  queries: {size: 8}\n"
+                       "model: {patch_size: 8, img_size: 32}\n")
+    config = load_config([Path(__file__).resolve().parents[1] / "configs" / "adclr_vit_s16.yaml", overlay], ["recipe.queries.size=8"])
+    assert config.recipe.global_views.size == 32 and config.recipe.queries.size == 8
+    assert config.recipe.queries.count == recipe_preset("adclr").queries.count > 0 and config.methods.adclr.enabled
+    assert config.recipe.local_views.count == recipe_preset("adclr").local_views.count
+
+
+def test_overrides_may_come_before_and_after_config_flags():
+    from train.main import parse_args
+
+    args = parse_args(["data.path=x.beton", "--config", "a.yaml", "data.batch_size=4", "--config", "b.yaml"])
+    assert args.overrides == ["data.path=x.beton", "data.batch_size=4"] and args.config == ["a.yaml", "b.yaml"]

@@ -64,6 +64,8 @@ def deep_merge(base: dict, update: dict) -> dict:
     """A new dict: `update` over `base`, merging nested mappings key by key."""
     out = copy.deepcopy(base)
     for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), str):
+            out[key] = {"preset": out[key]}  # a bare preset name, then fields on top of it
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = deep_merge(out[key], value)
         else:

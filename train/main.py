@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="time STEPS steps after warm-up and print throughput (default: 0 = train)")
     parser.add_argument("--warmup-steps", type=int, default=5, help="untimed steps before --benchmark timing (default: 5)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides may come before and after --config
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,12 +28,12 @@ bench dali_vs_reference --backend dali --vs reference --data $data/photos.beton
 bench ffcv_vs_dali-ops --backend ffcv --vs dali-ops --data $data/photos.beton
 bench dali_dense_profile --backend dali --profile --data $data/dense.beton
 
-train() {  # name, then train/main.py arguments
-    local name=$1; shift
-    stage "train $name" 150 python train/main.py --benchmark 30 --warmup-steps 5 \
+train() {  # name, preset, then overrides
+    local name=$1 preset=$2; shift 2
+    stage "train $name" 150 python train/main.py --config "$preset" --benchmark 30 --warmup-steps 5 \
         data.path=$data/photos.beton data.backend=dali data.workers=16 eval.train_path= eval.test_path= \
-        run_dir=/tmp/runs/$name "$@" 2>&1 | tee "$OUT/train_$name.log"
+        "$@" 2>&1 | tee "$OUT/train_$name.log"
 }
-train adclr_vit_s16 --config configs/adclr_vit_s16.yaml data.batch_size=256
-train dino_vit_s16 --config configs/dino_vit_s16.yaml data.batch_size=256
-train adclr_vit_b16 --config configs/adclr_vit_b16.yaml data.batch_size=128
+train adclr_vit_s16 configs/adclr_vit_s16.yaml data.batch_size=256
+train dino_vit_s16 configs/dino_vit_s16.yaml data.batch_size=256
+train adclr_vit_b16 configs/adclr_vit_b16.yaml data.batch_size=128
