@@ -13,9 +13,8 @@ import logging
 import sys
 
 
-from train.config import resolve_device
 from train.knn import format_comparison, knn_accuracy, raw_pixel_features
-from train.restore import load_teacher, missing_run_message, random_init_model
+from train.restore import load_teacher_for_cli, random_init_model
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,12 +38,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    device = resolve_device(args.device)
-    try:
-        config, teacher, checkpoint = load_teacher(args.path, device)
-    except FileNotFoundError as error:
-        print(f"eval_knn: {missing_run_message(args.path, error)}", file=sys.stderr)
+    loaded = load_teacher_for_cli("eval_knn", args.path, args.device)
+    if loaded is None:
         return 2
+    config, teacher, checkpoint, device = loaded
     overrides = {name: getattr(args, name) for name in ("train_path", "test_path", "image_size", "batch_size", "k",
                                                         "temperature", "max_train_samples", "max_test_samples")
                  if getattr(args, name) is not None}

@@ -20,9 +20,8 @@ import sys
 import torch
 from torch import nn
 
-from train.config import resolve_device
 from train.knn import extract_features
-from train.restore import load_teacher, missing_run_message
+from train.restore import load_teacher_for_cli
 
 
 def train_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, *,
@@ -72,12 +71,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    device = resolve_device(args.device)
-    try:
-        config, teacher, checkpoint = load_teacher(args.path, device)
-    except FileNotFoundError as error:
-        print(f"eval_linear: {missing_run_message(args.path, error)}", file=sys.stderr)
+    loaded = load_teacher_for_cli("eval_linear", args.path, args.device)
+    if loaded is None:
         return 2
+    config, teacher, checkpoint, device = loaded
     train_path, test_path = args.train_path or config.eval.train_path, args.test_path or config.eval.test_path
     if not train_path or not test_path:
         print("eval_linear: no evaluation sets; pass --train-path and --test-path", file=sys.stderr)

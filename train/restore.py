@@ -7,13 +7,14 @@ whatever ZeRO stage or number of ranks wrote the checkpoint.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
 
 from model import SSLModel
 from train.checkpoint import find_checkpoint
-from train.config import TrainConfig, load_config
+from train.config import TrainConfig, load_config, resolve_device
 
 
 def resolve(path: str | Path) -> tuple[Path, Path]:
@@ -34,6 +35,16 @@ def missing_run_message(path: str | Path, error: FileNotFoundError) -> str:
     if not Path(path).exists():
         return f"{path} does not exist; pass a run folder (with config.yaml and checkpoints/) or a checkpoint folder (with trainer.pt)"
     return str(error)
+
+
+def load_teacher_for_cli(program: str, path: str | Path, device_name: str):
+    """For the eval CLIs: (config, teacher, checkpoint, device), or None after one line on stderr."""
+    device = resolve_device(device_name)
+    try:
+        return (*load_teacher(path, device), device)
+    except FileNotFoundError as error:
+        print(f"{program}: {missing_run_message(path, error)}", file=sys.stderr)
+        return None
 
 
 def load_teacher(path: str | Path, device: torch.device | str = "cpu") -> tuple[TrainConfig, SSLModel, Path]:
