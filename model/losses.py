@@ -33,6 +33,7 @@ METHODS = {
 class LossState:
     epoch: float = 0.0  # fractional epoch (step / steps_per_epoch): drives the temperature warm-ups
     step: int = 0  # global optimizer step
+    collect_stats: bool = False  # also return collapse statistics this step (the trainer sets it on log steps)
 
 
 class SSLLosses(nn.Module):

@@ -31,6 +31,7 @@ from train.dataclass_yaml import ConfigError, apply_override, build, deep_merge,
 
 logger = logging.getLogger(__name__)
 register_preset(ViewRecipe, recipe_preset)
+EVAL_FEATURES = ("auto", "cls", "patch_mean", "cls+patch_mean")
 
 
 @dataclass
@@ -95,6 +96,7 @@ class EvalConfig:
     max_train_samples: int = 0  # > 0: use an evenly spaced subset of the memory set (faster on CPU)
     max_test_samples: int = 0  # > 0: evenly spaced subset of the test set
     compare_baselines: bool = False  # also k-NN of a random-init backbone and raw pixels, printed side by side
+    features: str = "auto"  # "cls" | "patch_mean" | "cls+patch_mean" | "auto" (follows the enabled methods)
 
 
 @dataclass
@@ -137,6 +139,7 @@ class TrainConfig:
         _check(self.log.every_steps >= 1, "log.every_steps", "must be >= 1")
         _check(self.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
         _check(self.eval.k >= 1, "eval.k", "must be >= 1")
+        _check(self.eval.features in EVAL_FEATURES, "eval.features", f"must be one of {', '.join(EVAL_FEATURES)}, got {self.eval.features!r}")
         _check(bool(self.eval.train_path) == bool(self.eval.test_path), "eval.test_path", "set both eval.train_path and eval.test_path, or neither")
         want = "bfloat16" if self.deepspeed.bf16 else "float32"
         _check(self.data.dtype == want, "data.dtype", f"must be {want!r} when deepspeed.bf16 is {self.deepspeed.bf16} (the student's weights are {want})")

@@ -110,7 +110,8 @@ def train_loop(run: Run, evaluate=None, benchmark_warmup: int = -1) -> str:
                     break
                 run.telemetry.add_data_wait(time.perf_counter() - wait_start)
                 values = run.schedules.at(run.step)
-                state = LossState(epoch=run.step / run.steps_per_epoch, step=run.step)
+                log_now = (run.step + 1) % cfg.log.every_steps == 0 or run.step + 1 == run.total_steps
+                state = LossState(epoch=run.step / run.steps_per_epoch, step=run.step, collect_stats=log_now)
                 parts = train_step(run.engine, run.group_kinds, run.teacher, run.losses, views, state, values,
                                    bf16=cfg.deepspeed.bf16, zero_stage=cfg.deepspeed.zero_stage)
                 nonfinite |= ~torch.isfinite(parts["loss"])
@@ -119,7 +120,6 @@ def train_loop(run: Run, evaluate=None, benchmark_warmup: int = -1) -> str:
                 if run.step == benchmark_warmup:
                     _synchronize(run.device)
                     run.telemetry.restart_interval(run.step)
-                log_now = run.step % cfg.log.every_steps == 0 or run.step == run.total_steps
                 save_now = benchmark_warmup < 0 and _checkpoint_due(run, cfg.checkpoint)
                 if log_now or save_now or (stop.requested and run.world_size == 1):
                     stop_everywhere = _check_and_log(run, parts, nonfinite, stop.requested, checked_from, log_now)
