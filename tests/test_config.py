@@ -184,3 +184,11 @@ def test_overrides_may_come_before_and_after_config_flags():
 
     args = parse_args(["data.path=x.beton", "--config", "a.yaml", "data.batch_size=4", "--config", "b.yaml"])
     assert args.overrides == ["data.path=x.beton", "data.batch_size=4"] and args.config == ["a.yaml", "b.yaml"]
+
+
+def test_collective_timeout_is_validated(tmp_path):
+    path = write_tiny_config(tmp_path, tmp_path / "x.beton", tmp_path / "run")
+    assert load_config(path).collective_timeout_s == 600
+    assert load_config(path, ["collective_timeout_s=30"]).collective_timeout_s == 30
+    with pytest.raises(ConfigError, match=r"^collective_timeout_s: must be >= 1 \(seconds\), got 0$"):
+        load_config(path, ["collective_timeout_s=0"])

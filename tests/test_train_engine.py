@@ -206,3 +206,16 @@ def test_help_does_not_import_deepspeed():
     code = "import sys, train.main; train.main.parse_args(['--benchmark', '3']); print(sorted(m for m in ('torch', 'deepspeed') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent)
     assert result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+def test_collective_timeout_reaches_the_process_group():
+    """`collective_timeout_s` is the timeout of the default process group (a fresh process: this one may
+    already hold a world of one with the default), so a rank whose peer died errors out instead of hanging."""
+    code = ("import torch, torch.distributed as dist; from train.engine import init_distributed; "
+            "init_distributed(torch.device('cpu'), timeout_s=7); "
+            "print(dist.distributed_c10d._get_default_group()._get_backend(torch.device('cpu')).options._timeout.total_seconds())")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                            cwd=Path(__file__).parent.parent, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "7.0"

@@ -113,6 +113,7 @@ class TrainConfig:
     seed: int = 0  # seeds the model init, the data order and the augmentations
     device: str = "auto"  # "auto" (cuda if available), "cuda" or "cpu"
     cpu_threads: int = 0  # torch threads per rank on CPU (0 = torch's default)
+    collective_timeout_s: int = 600  # a collective waiting longer than this (a peer rank died) fails with an error
     data: DataConfig = field(default_factory=DataConfig)  # the training .beton and its loader
     recipe: ViewRecipe = field(default_factory=ViewRecipe)  # the views of every batch
     model: ModelConfig = field(default_factory=ModelConfig)  # the backbone
@@ -128,6 +129,7 @@ class TrainConfig:
         for section in ("data", "recipe", "model", "methods"):
             _validate_section(section, getattr(self, section))
         _check(self.device in ("auto", "cuda", "cpu"), "device", f"must be auto, cuda or cpu, got {self.device!r}")
+        _check(self.collective_timeout_s >= 1, "collective_timeout_s", f"must be >= 1 (seconds), got {self.collective_timeout_s}")
         _check(self.optim.lr > 0 or self.optim.lr_absolute > 0, "optim.lr", "must be > 0")
         _check(self.schedule.epochs >= 1, "schedule.epochs", f"must be >= 1, got {self.schedule.epochs}")
         _check(self.schedule.max_steps >= 0, "schedule.max_steps", "must be >= 0")

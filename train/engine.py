@@ -1,7 +1,11 @@
 """DeepSpeed: the only module that imports it. Distributed init, the student engine, the teacher EMA.
 
-- `init_distributed(device)`: DeepSpeed's `init_distributed` with NCCL on GPU and gloo on CPU; a plain
-  `python train/main.py` (no launcher) becomes a world of one on a free local port.
+- `init_distributed(device, timeout_s)`: DeepSpeed's `init_distributed` with NCCL on GPU and gloo on CPU; a
+  plain `python train/main.py` (no launcher) becomes a world of one on a free local port. `timeout_s`
+  (`collective_timeout_s`, default 600) is the process group's timeout: a collective whose peer died
+  fails with an error after that long instead of hanging the surviving ranks forever (gloo raises;
+  NCCL's watchdog aborts the communicator and the process under torch's default
+  `TORCH_NCCL_ASYNC_ERROR_HANDLING`).
 - `deepspeed_config(cfg, batch_size)`: the DeepSpeed JSON generated from our config (written to the run
   folder; there is no second hand-written JSON to drift).
 - `build_student_engine(cfg, student)`: `deepspeed.initialize` with a client `torch.optim.AdamW` over
@@ -27,6 +31,7 @@ Decisions:
 from __future__ import annotations
 
 import copy
+import datetime
 import logging
 import os
 import socket
@@ -40,15 +45,18 @@ logger = logging.getLogger(__name__)
 GATHER_CHUNK = 50_000_000  # elements gathered at once for the ZeRO-3 EMA
 
 
-def init_distributed(device: torch.device) -> tuple[int, int]:
-    """Start torch.distributed (once) and pick this rank's GPU (LOCAL_RANK); returns (rank, world_size)."""
+def init_distributed(device: torch.device, timeout_s: int = 600) -> tuple[int, int]:
+    """Start torch.distributed (once) and pick this rank's GPU (LOCAL_RANK); returns (rank, world_size).
+
+    `timeout_s` bounds every collective: a rank whose peer died gets an error after that many seconds."""
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # plain `python train/main.py`: a world of one
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False,
+                                   timeout=datetime.timedelta(seconds=timeout_s))
     return dist.get_rank(), dist.get_world_size()
 
 

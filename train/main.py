@@ -118,7 +118,7 @@ def build_run(cfg, device, benchmark_steps: int = 0, warmup_steps: int = 5):
 
     if cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
-    rank, world_size = init_distributed(device)
+    rank, world_size = init_distributed(device, cfg.collective_timeout_s)
     if rank != 0:  # one voice: other ranks report only warnings and errors
         logging.getLogger().setLevel(logging.WARNING)
     if device.type == "cuda":
