@@ -3,8 +3,16 @@ the tiny image folder and .beton that the pipeline tests share."""
 import sys
 from pathlib import Path
 
+import hypothesis  # noqa: F401  (see below)
 import pytest
 import torch
+
+# Import hypothesis now, not at the end of the session: its pytest plugin imports it lazily in
+# `pytest_terminal_summary` when no test module did, and pytest's assertion rewriter then runs `ast.parse`
+# on it while garbage collection may run numba's dispatcher finalizers (ffcv compiles its pipelines with
+# numba). Such a finalizer raising inside `ast.parse` corrupts CPython 3.11's AST recursion counter:
+# "SystemError: AST constructor recursion depth mismatch" and exit status 1 after a green run
+# (`pytest tests/test_backends.py tests/test_loader.py`). Imported here, nothing is parsed at summary time.
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `import imagefactory` from any test module
 
