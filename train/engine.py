@@ -6,8 +6,8 @@
   fails with an error after that long instead of hanging the surviving ranks forever (gloo raises;
   NCCL's watchdog aborts the communicator and the process under torch's default
   `TORCH_NCCL_ASYNC_ERROR_HANDLING`).
-- `deepspeed_config(cfg, batch_size)`: the DeepSpeed JSON generated from our config (written to the run
-  folder; there is no second hand-written JSON to drift).
+- `deepspeed_config(cfg, batch_size, world_size)`: the DeepSpeed JSON generated from our config (written
+  to the run folder; there is no second hand-written JSON to drift).
 - `build_student_engine(cfg, student)`: `deepspeed.initialize` with a client `torch.optim.AdamW` over
   parameter groups (no weight decay on biases and 1-d parameters, as DINO), bf16, ZeRO stage, clipping.
 - `apply_schedule(engine, groups, values)` sets each group's lr / weight decay for the next step.
@@ -25,16 +25,38 @@ Decisions:
   EMA reads the student's working (bf16) weights, gathered under ZeRO-3 in chunks of at most
   `GATHER_CHUNK` elements (`deepspeed.zero.GatheredParameters`), so a ViT-B never needs a second full
   copy beyond one chunk.
-- The optimizer is torch's AdamW (fused on CUDA), passed to DeepSpeed as a client optimizer: it runs
-  on CPU and GPU alike, and ZeRO lists it as supported.
+- The optimizer is torch's fused AdamW (CUDA and CPU kernels), passed to DeepSpeed as a client
+  optimizer; ZeRO lists it as supported. Fused, its step counter lives on the device: the foreach
+  version keeps it on the host and reads it back (`.item()`) for the bias correction of every group.
+
+No host sync per step (decisions; DeepSpeed 0.19.8, read in its sources):
+- `timers.throughput.enabled: false`: DeepSpeed's throughput timer synchronizes the device in the
+  forward pre-hook and in `step()`. Our telemetry measures per log interval instead.
+- `bf16.check_grad_overflow: false`: on by default, it reads an overflow flag (`.item()`) and the norm's
+  validity (`bool()`) every step. The loop's own device-side `nonfinite` flag catches NaN/inf losses.
+- `zero_optimization.overlap_comm` only when world size > 1: with it, ZeRO-2 synchronizes the device at
+  the end of every gradient reduction, and on one rank there is nothing to overlap.
+- `communication_data_type` is always written (fp32 by default): gradients are reduced across ranks
+  in fp32, not in the bf16 of the weights (DeepSpeed's default under bf16).
+- ZeRO-1/2 clipping: DeepSpeed's `unscale_and_clip_grads` asks `bool()` whether the norm is finite, and
+  its norm masking builds `torch.tensor(-1.0, device=...)` (a pageable host-to-device copy that waits
+  for the stream). `make_step_sync_free` replaces the first, on the optimizer instance, with the same
+  arithmetic kept on the device (an invalid norm still zeroes the update, as DeepSpeed's does), and
+  the second, in DeepSpeed's module, with a `masked_fill_` of the same value; the results are
+  bit-identical (tests). Both are checked to exist, so a DeepSpeed upgrade that moves them warns.
+- What stays: ZeRO-0 under bf16 runs DeepSpeed's unfused bf16 optimizer, which checks every
+  parameter for overflow on the host each step, and ZeRO-3's `step()` validates the norm with a
+  `bool()`; neither can be configured away. ZeRO-1/2 (the default) have no host sync between log steps.
 """
 from __future__ import annotations
 
 import copy
 import datetime
+import inspect
 import logging
 import os
 import socket
+import types
 
 import deepspeed
 import torch
@@ -66,27 +88,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def deepspeed_config(cfg, batch_size: int) -> dict:
+def deepspeed_config(cfg, batch_size: int, world_size: int) -> dict:
     """The DeepSpeed config of a run: `cfg` is the TrainConfig, `batch_size` images per rank."""
     ds = cfg.deepspeed
-    config = {
+    return {
         "train_micro_batch_size_per_gpu": batch_size,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": ds.gradient_clipping,
-        "bf16": {"enabled": ds.bf16},
+        "bf16": {"enabled": ds.bf16, "check_grad_overflow": False},  # the loop checks the loss on the device
         "zero_optimization": {
             "stage": ds.zero_stage,
-            "overlap_comm": ds.overlap_comm,
+            "overlap_comm": ds.overlap_comm and world_size > 1,  # it syncs the device after each reduction
             "contiguous_gradients": True,
             "reduce_bucket_size": ds.reduce_bucket_size,
         },
+        "communication_data_type": ds.communication_data_type,
         "zero_allow_untested_optimizer": True,
+        "timers": {"throughput": {"enabled": False, "synchronized": False}},  # it syncs in forward and step
         "steps_per_print": 2**31 - 1,  # our telemetry logs; DeepSpeed's own step log stays quiet
         "wall_clock_breakdown": False,
     }
-    if ds.communication_data_type == "bf16":
-        config["communication_data_type"] = "bf16"
-    return config
 
 
 def parameter_groups(module: nn.Module) -> tuple[list[dict], list[dict]]:
@@ -108,15 +129,56 @@ def parameter_groups(module: nn.Module) -> tuple[list[dict], list[dict]]:
     return groups, kinds
 
 
-def build_student_engine(cfg, student: nn.Module, batch_size: int, device: torch.device):
+def build_student_engine(cfg, student: nn.Module, batch_size: int, device: torch.device, world_size: int = 1):
     """`deepspeed.initialize` the student; returns (engine, group kinds, the DeepSpeed config dict)."""
     groups, kinds = parameter_groups(student)
-    optimizer = torch.optim.AdamW(
-        groups, lr=0.0, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, fused=device.type == "cuda"
-    )
-    config = deepspeed_config(cfg, batch_size)
+    optimizer = torch.optim.AdamW(groups, lr=0.0, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, fused=True)
+    config = deepspeed_config(cfg, batch_size, world_size)
     engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer, config=config)
+    if not make_step_sync_free(engine.optimizer) and device.type == "cuda":
+        logger.warning("deepspeed.zero_stage=%d: DeepSpeed's optimizer for this stage reads gradient norms or overflow "
+                       "flags on the host every step (ZeRO-1/2 do not)", cfg.deepspeed.zero_stage)
     return engine, kinds, config
+
+
+def make_step_sync_free(optimizer) -> bool:
+    """Keep ZeRO-1/2's norm masking and clipping on the device (module docstring); False if not ZeRO-1/2."""
+    from deepspeed.runtime.zero import stage_1_and_2
+
+    if not isinstance(optimizer, stage_1_and_2.DeepSpeedZeroOptimizer):
+        return False
+    clip_arguments = list(inspect.signature(type(optimizer).unscale_and_clip_grads).parameters)
+    if not hasattr(stage_1_and_2, "mask_nan_or_inf_with_val_inplace") or clip_arguments != ["self", "grad_groups_flat", "total_norm"]:
+        logger.warning("DeepSpeed %s moved the ZeRO-1/2 clipping this trainer keeps on the device: "
+                       "it may read the gradient norm on the host every step", deepspeed.__version__)
+        return False
+    stage_1_and_2.mask_nan_or_inf_with_val_inplace = mask_nonfinite_inplace
+    optimizer.unscale_and_clip_grads = types.MethodType(unscale_and_clip_on_device, optimizer)
+    return True
+
+
+def mask_nonfinite_inplace(input: torch.Tensor, device=None, val: float = -1.0) -> None:
+    """DeepSpeed's `mask_nan_or_inf_with_val_inplace` (NaN/inf -> `val`) without a host-to-device copy."""
+    input.masked_fill_(~torch.isfinite(input), val)
+
+
+def unscale_and_clip_on_device(self, grad_groups_flat: list, total_norm) -> None:
+    """DeepSpeedZeroOptimizer.unscale_and_clip_grads with the norm's validity decided on the device.
+
+    grads *= 1 / (loss_scale * max(1, (norm / loss_scale + 1e-6) / clip)); an invalid norm (NaN, inf or
+    DeepSpeed's -1 marker) counts as infinite, so the update is zeroed exactly as DeepSpeed does it."""
+    if self.clip_grad == 0.0 and self.loss_scale == 1.0:
+        return
+    combined_scale = self.loss_scale
+    if self.clip_grad > 0.0:
+        total_norm = torch.as_tensor(total_norm)  # a tensor in 0.19.8; a float would be read as is
+        invalid = ~torch.isfinite(total_norm) | (total_norm < 0)
+        norm = total_norm.masked_fill(invalid, float("inf"))
+        clip = torch.clamp(((norm / self.loss_scale) + 1e-6) / self.clip_grad, min=1.0)
+        combined_scale = clip * self.loss_scale
+    for grad in grad_groups_flat:
+        for g in grad if isinstance(grad, list) else [grad]:
+            g.data.mul_(1.0 / combined_scale)
 
 
 def apply_schedule(engine, kinds: list[dict], values: dict) -> None:

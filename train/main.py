@@ -131,7 +131,7 @@ def build_run(cfg, device, benchmark_steps: int = 0, warmup_steps: int = 5):
     student = SSLModel(cfg.model, cfg.methods)
     teacher = make_teacher(student, device)
     losses = build_losses(cfg.methods, cfg.model).to(device)
-    engine, group_kinds, ds_config = build_student_engine(cfg, student, cfg.data.batch_size, device)
+    engine, group_kinds, ds_config = build_student_engine(cfg, student, cfg.data.batch_size, device, world_size)
     if rank == 0:
         (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
     global_batch = cfg.data.batch_size * world_size
