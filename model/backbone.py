@@ -17,6 +17,7 @@ Drop-path draws one keep/drop per sample, so image and query tokens of a sample 
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import timm
@@ -68,8 +69,10 @@ def build_backbone(cfg: ModelConfig) -> VisionTransformer:
     return vit
 
 
+@functools.lru_cache(maxsize=64)
 def query_attention_mask(num_image_tokens: int, num_queries: int, queries_see_each_other: bool, device) -> Tensor:
-    """[T, T] bool, True where row token may attend to column token (T = image tokens + queries)."""
+    """[T, T] bool, True where row token may attend to column token (T = image tokens + queries).
+    Cached per (sizes, device): one read-only mask per crop size instead of three allocations per step."""
     total = num_image_tokens + num_queries
     allowed = torch.zeros(total, total, dtype=torch.bool, device=device)
     allowed[:, :num_image_tokens] = True  # everyone reads the image tokens

@@ -25,7 +25,8 @@ needs it; today only FLSL does (its cross-view mix z_plus, see `model/methods/fl
 Output keys (G' = global views the role runs, L = locals, B = batch, Q = queries, P = patches of a
 view, K = head dim, K_p = selfpatch.out_dim, K_f = flsl.out_dim, D = width):
 - "cls_logits" [G' (+ L for the student), B, K]: DINO head of the image-level token (final-norm cls;
-  with SelfPatch on, the aggregation module's pooling of the patches queried by the cls).
+  with SelfPatch on, the aggregation module's pooling of all final-norm patch tokens queried by its
+  learned token, as the released SelfPatchHead; see `model/methods/selfpatch.py`).
   Student: when DINO is on. Teacher: when DINO or RegionCL is on.
 - "query_logits" [G', B, Q, K]: DINO head of the final-norm ADCLR query tokens.
 - "selfpatch_global_logits" [G', B, Pg, K_p], "selfpatch_local_logits" [L, B, Pl, K_p]: patch head of
@@ -37,6 +38,14 @@ view, K = head dim, K_p = selfpatch.out_dim, K_f = flsl.out_dim, D = width):
   teacher forward: "flsl_teacher_tokens" [B, P, D] (final-norm patch tokens of global crop 0);
   `complete_teacher` adds "flsl_teacher_target_logits" [B, N, K_f]: the teacher's FLSL head of
   z_plus_i = sum_j softmax_j(beta_ca z_i . t_j) t_j (z_i = the student's "flsl_queries", detached).
+
+Evaluation features (`features(images, kind)`, `eval.features`): "cls" is the image-level token above
+(the one a loss trains), "patch_mean" the mean of the final-norm patch tokens, "cls+patch_mean" both;
+"auto" picks "patch_mean" for FLSL-only runs (no loss reaches their cls token) and "cls" otherwise.
+
+No host sync in a step: index tensors are built on the device from `arange` and cached per (grid,
+device) (SelfPatch neighbours, FLSL windows, the ADCLR attention mask); views are sliced, never
+indexed with Python lists (a list index on a CUDA tensor is a pageable host copy and a sync).
 """
 from __future__ import annotations
 
@@ -52,6 +61,20 @@ from model.methods.common import masked_mean
 from model.methods.flsl import mean_shift, window_query_index
 from model.methods.regioncl import paste_box_mask
 from model.methods.selfpatch import gather_neighbours, select_neighbours
+
+
+FEATURE_KINDS = ("cls", "patch_mean", "cls+patch_mean")
+
+
+def feature_kind(kind: str, methods: MethodsConfig) -> str:
+    """`eval.features` resolved: "auto" is "patch_mean" when FLSL is the only method (its losses train the
+    patch tokens only; the cls token gets no loss, so k-NN on it measures a random readout), else "cls"
+    (the image-level token some enabled term trains: DINO's, or RegionCL's targets)."""
+    if kind == "auto":
+        return "patch_mean" if methods.enabled() == ["flsl"] else "cls"
+    if kind not in FEATURE_KINDS:
+        raise ValueError(f"eval.features: must be auto or one of {', '.join(FEATURE_KINDS)}, got {kind!r}")
+    return kind
 
 
 class SSLModel(nn.Module):
@@ -75,9 +98,20 @@ class SSLModel(nn.Module):
     def patch_size(self) -> int:
         return self.backbone.patch_embed.patch_size[0]
 
-    def features(self, images: Tensor) -> Tensor:
-        """Final-norm cls token of the backbone [N, D] (k-NN, linear probe, export)."""
-        return forward_tokens(self.backbone, images).cls
+    def features(self, images: Tensor, kind: str = "auto") -> Tensor:
+        """Frozen features of images [N, 3, H, W] for k-NN and the linear probe (`eval.features`):
+        "cls" [N, D]: the image-level token the DINO head is trained on (`_image_token`);
+        "patch_mean" [N, D]: the mean of the final-norm patch tokens;
+        "cls+patch_mean" [N, 2D]: both, concatenated; "auto": `feature_kind(kind, methods)`."""
+        kind = feature_kind(kind, self.methods)
+        tokens = forward_tokens(self.backbone, images)
+        image_token = self._image_token(tokens.cls, tokens.patches) if kind != "patch_mean" else None
+        patch_mean = tokens.patches.mean(dim=1) if kind != "cls" else None  # [N, D]
+        if kind == "cls":
+            return image_token
+        if kind == "patch_mean":
+            return patch_mean
+        return torch.cat([image_token, patch_mean], dim=-1)
 
     def forward(self, views, role: str) -> dict[str, Tensor]:
         if role not in ("student", "teacher"):
@@ -140,14 +174,15 @@ class SSLModel(nn.Module):
         unflat = lambda x: x.unflatten(0, (num_views, batch))  # noqa: E731
         return BackboneTokens(unflat(tokens.cls), unflat(tokens.patches), unflat(tokens.queries), tokens.grid)
 
-    def _image_token(self, tokens: BackboneTokens) -> Tensor:
+    def _image_token(self, cls: Tensor, patches: Tensor) -> Tensor:
+        """The token the DINO / RegionCL-target head reads: cls [..., D], patches [..., P, D] -> [..., D].
+        With SelfPatch on, the learned-query aggregation of all patch tokens (released `SelfPatchHead`)."""
         if self.methods.selfpatch.enabled:
-            pooled = self.aggregator(tokens.cls.flatten(0, 1), tokens.patches.flatten(0, 1))
-            return pooled.unflatten(0, tokens.cls.shape[:2])
-        return tokens.cls  # [V, B, D]
+            return self.aggregator(patches.flatten(0, -3)).reshape(cls.shape)
+        return cls
 
     def _cls_logits(self, globals_out: BackboneTokens | None, locals_out: BackboneTokens | None) -> Tensor:
-        image_tokens = [self._image_token(group) for group in (globals_out, locals_out) if group is not None]
+        image_tokens = [self._image_token(group.cls, group.patches) for group in (globals_out, locals_out) if group is not None]
         return self.head(torch.cat(image_tokens))  # [V, B, K]
 
     def _selfpatch_logits(self, globals_out, locals_out, teacher: bool) -> dict[str, Tensor]:
@@ -160,8 +195,7 @@ class SSLModel(nn.Module):
                 flat = patches.flatten(0, 1)  # [N, P, D]
                 index, valid = select_neighbours(flat, group.grid, self.methods.selfpatch.num_neighbours)
                 neighbours = gather_neighbours(flat, index)  # [N, P, k, D]
-                query = group.cls.flatten(0, 1).repeat_interleave(flat.shape[1], dim=0)  # [N * P, D]
-                aggregated = self.aggregator(query, neighbours.flatten(0, 1), valid.flatten(0, 1))  # [N * P, D]
+                aggregated = self.aggregator(neighbours.flatten(0, 1), valid.flatten(0, 1))  # [N * P, D]
                 patches = aggregated.reshape(patches.shape)
             out[key] = self.patch_head(patches)
         return out
@@ -181,9 +215,9 @@ class SSLModel(nn.Module):
             return {"flsl_teacher_tokens": globals_out.patches[global_index.index(0)]}  # [B, P, D]
         groups = []
         if globals_out is not None:
-            student_globals = [i for i, g in enumerate(global_index) if g != 0]
-            if student_globals:
-                groups.append((globals_out.patches[student_globals], globals_out.grid, cfg.global_window))
+            first = 1 if global_index[0] == 0 else 0  # global crop 0 is the teacher's: a slice, not a list index
+            if first < len(global_index):  # (indexing a CUDA tensor with a Python list copies the list over: a sync)
+                groups.append((globals_out.patches[first:], globals_out.grid, cfg.global_window))
         if locals_out is not None:
             groups.append((locals_out.patches, locals_out.grid, cfg.local_window))
         if not groups:

@@ -78,13 +78,33 @@ def test_attention_mask_layout():
     assert torch.equal(mask, expected)
 
 
-def test_training_mode_with_drop_path_runs_and_backpropagates():
+def test_training_mode_drop_path_is_per_sample_and_shared_by_image_and_query_tokens():
+    """Drop-path draws one keep/drop per sample and block: with the same RNG state the image tokens of a
+    training-mode run with queries equal the query-free run bit for bit (the queries add no draw and change no
+    image token), the draws are live (another seed differs); queries read the image (both get a gradient from
+    the query outputs) and the image tokens never read the queries (no gradient from them to the queries)."""
     vit = tiny_vit(drop_path_rate=0.5).train()
     images, queries = torch.randn(4, 3, 32, 32), torch.randn(4, 2, 3, 8, 8)
+    torch.manual_seed(1)
+    plain = forward_tokens(vit, images)
+    torch.manual_seed(1)
     tokens = forward_tokens(vit, images, queries)
-    (tokens.cls.sum() + tokens.queries.sum()).backward()
-    assert vit.patch_embed.proj.weight.grad is not None
-    assert torch.isfinite(vit.patch_embed.proj.weight.grad).all()
+    assert torch.equal(plain.cls, tokens.cls) and torch.equal(plain.patches, tokens.patches)
+    torch.manual_seed(2)
+    assert not torch.equal(forward_tokens(vit, images).cls, plain.cls)
+    with torch.no_grad():
+        assert torch.equal(forward_tokens(vit.eval(), images).cls, forward_tokens(vit, images).cls)  # eval: no draw
+    vit.train()
+    queries.requires_grad_(True)
+    images.requires_grad_(True)
+    torch.manual_seed(1)
+    forward_tokens(vit, images, queries).queries.sum().backward()
+    assert float(queries.grad.abs().sum()) > 0 and float(images.grad.abs().sum()) > 0  # queries read the image
+    vit.zero_grad()
+    images.grad = queries.grad = None
+    torch.manual_seed(1)
+    forward_tokens(vit, images, queries).patches.sum().backward()
+    assert queries.grad is None or float(queries.grad.abs().sum()) == 0.0  # image tokens never read the queries
 
 
 def test_model_config_validation_names_the_field():

@@ -68,3 +68,48 @@ def test_short_heads(num_layers):
     linears = [m for m in head.mlp if isinstance(m, torch.nn.Linear)]
     assert len(linears) == num_layers and linears[-1].out_features == 8
     assert head(torch.randn(2, 16)).shape == (2, 12)
+
+
+def test_tf32_field_reaches_every_head_and_is_a_no_op_on_cpu():
+    from model import MethodsConfig, ModelConfig, SSLModel
+
+    methods = MethodsConfig(head=HeadConfig(out_dim=16, hidden_dim=16, bottleneck_dim=8, tf32=False))
+    for name in ("dino", "selfpatch", "flsl"):
+        getattr(methods, name).enabled = True
+    methods.selfpatch.out_dim = methods.flsl.out_dim = 12
+    tiny = ModelConfig(arch="vit_tiny_patch16_224", embed_dim=32, depth=1, num_heads=2, patch_size=8, img_size=16)
+    model = SSLModel(tiny, methods)
+    heads = [model.head, model.patch_head, model.flsl_head]
+    assert [head.last_layer.tf32 for head in heads] == [False, False, False]
+    methods.head.tf32 = True
+    assert all(head.last_layer.tf32 for head in (SSLModel(tiny, methods).head, DinoHead(16, methods.head)))
+    torch.manual_seed(0)
+    head = DinoHead(16, CFG)  # tf32 on by default: on a CPU nothing changes, the precision flag is untouched
+    x = torch.randn(5, 16)
+    before = torch.backends.cuda.matmul.fp32_precision
+    with torch.no_grad():
+        torch.testing.assert_close(head(x).double(), reference_logits(head, x), rtol=0, atol=1e-6)
+    assert torch.backends.cuda.matmul.fp32_precision == before
+
+
+@pytest.mark.gpu
+def test_cuda_tf32_last_layer_is_scoped_to_the_head():
+    """On an Ampere+ GPU the TF32 last layer rounds its inputs to a 10-bit mantissa (error ~1e-4 on unit-norm
+    logits) where IEEE fp32 stays ~1e-6; other fp32 matmuls keep the process's setting before, during and after."""
+    torch.manual_seed(0)
+    cfg = HeadConfig(out_dim=4096, hidden_dim=64, bottleneck_dim=256)
+    x = torch.randn(512, 16, device="cuda")
+    heads = {tf32: DinoHead(16, HeadConfig(**{**cfg.__dict__, "tf32": tf32})).cuda() for tf32 in (True, False)}
+    heads[False].load_state_dict(heads[True].state_dict())
+    previous, torch.backends.cuda.matmul.fp32_precision = torch.backends.cuda.matmul.fp32_precision, "ieee"
+    try:
+        with torch.no_grad():
+            reference = reference_logits(heads[True], x)
+            error = {tf32: (head(x).double() - reference).abs().max().item() for tf32, head in heads.items()}
+            a, b = torch.randn(256, 256, device="cuda"), torch.randn(256, 256, device="cuda")
+            plain_error = ((a @ b).double() - a.double() @ b.double()).abs().max().item()
+        assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = previous
+    assert error[False] < 1e-5 and 1e-5 < error[True] < 5e-3, error
+    assert plain_error < 1e-3, plain_error  # IEEE fp32 outside the head (TF32 would be ~1e-2 at this size)

@@ -4,9 +4,13 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from model import HeadConfig, LossState, MethodsConfig, ModelConfig, SSLModel, StepShape, build_losses, count_step_flops
+from model.backbone import forward_tokens
+from model.ssl_model import feature_kind
 from pipeline.views import RegionSwap, Views
 
 torch.set_num_threads(1)
@@ -140,14 +144,147 @@ def test_weighted_combination_is_the_weighted_sum_of_parts():
     assert {"parts.dino.center", "parts.adclr.center", "parts.regioncl.center"} <= set(losses.state_dict())
 
 
-def test_features_is_the_final_norm_cls_and_last_layers_are_named():
-    student, _, _ = build(["dino", "selfpatch", "flsl"])
+def test_features_of_each_kind_and_last_layers_are_named():
+    student, _, _ = build(["dino", "flsl"])
     images = torch.randn(3, 3, 32, 32)
     student.eval()
     with torch.no_grad():
-        torch.testing.assert_close(student.features(images), student.backbone.forward_features(images)[:, 0], rtol=0, atol=0)
-    names = [n for n, _ in student.named_parameters() if "last_layer" in n]
+        tokens = student.backbone.forward_features(images)  # [N, 1 + P, D] final-norm tokens, timm's own
+        cls, patch_mean = tokens[:, 0], tokens[:, 1:].mean(dim=1)
+        torch.testing.assert_close(student.features(images, "cls"), cls, rtol=0, atol=0)
+        torch.testing.assert_close(student.features(images, "patch_mean"), patch_mean, rtol=0, atol=1e-6)
+        torch.testing.assert_close(student.features(images, "cls+patch_mean"), torch.cat([cls, patch_mean], 1), rtol=0, atol=1e-6)
+        torch.testing.assert_close(student.features(images), cls, rtol=0, atol=0)  # auto: DINO trains the cls token
+    with pytest.raises(ValueError, match="eval.features"):
+        student.features(images, "mean")
+    names = [n for n, _ in build(["dino", "selfpatch", "flsl"])[0].named_parameters() if "last_layer" in n]
     assert names == ["head.last_layer.weight", "patch_head.last_layer.weight", "flsl_head.last_layer.weight"]
+
+
+def test_feature_kind_auto_follows_the_enabled_methods():
+    assert feature_kind("auto", methods_config(["flsl"])) == "patch_mean"  # FLSL trains no cls token
+    assert feature_kind("auto", methods_config(["dino", "flsl"])) == "cls"
+    assert feature_kind("auto", methods_config(["dino", "selfpatch"])) == "cls"
+    assert feature_kind("cls", methods_config(["flsl"])) == "cls"
+    student, _, _ = build(["flsl"])
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(student.eval().features(images), student.features(images, "patch_mean"), rtol=0, atol=0)
+
+
+def test_selfpatch_image_token_is_the_learned_query_pooling_of_the_patches():
+    """Released SelfPatchHead: one learned query token pools all patches into the image-level token (the DINO
+    head's input) and seeds every neighbourhood aggregation; it is a parameter and gets a gradient."""
+    student, teacher, losses = build(["dino", "selfpatch"])
+    views = make_views()
+    assert "aggregator.query" in dict(student.named_parameters())
+    student_out = student(views, "student")
+    with torch.no_grad():
+        tokens = forward_tokens(student.backbone, views.global_crops.flatten(0, 1))
+        pooled = student.aggregator(tokens.patches)  # [G * B, D]
+        expected = student.head(pooled).unflatten(0, (GLOBALS, BATCH))
+        torch.testing.assert_close(student_out["cls_logits"][:GLOBALS], expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(student.features(views.global_crops[0], "cls"), pooled[:BATCH], rtol=0, atol=1e-5)
+    out = losses(student_out, teacher(views, "teacher"), views, LossState(epoch=0.5, step=5))
+    out["loss"].backward()
+    assert float(student.aggregator.query.grad.abs().sum()) > 0
+    with torch.no_grad():  # the teacher's patch targets read the learned query, not the view's cls token
+        before = teacher(views, "teacher")["selfpatch_global_logits"]
+        teacher.backbone.cls_token.add_(1.0)
+        assert not torch.allclose(teacher(views, "teacher")["selfpatch_global_logits"], before)  # cls is a key
+        teacher.backbone.cls_token.sub_(1.0)
+        teacher.aggregator.query.add_(0.5)
+        assert not torch.allclose(teacher(views, "teacher")["selfpatch_global_logits"], before)
+
+
+def test_selfpatch_teacher_target_is_the_aggregation_of_the_top_k_neighbours():
+    student, teacher, _ = build(["dino", "selfpatch"])
+    views = make_views()
+    teacher.eval()
+    with torch.no_grad():
+        out = teacher(views, "teacher")["selfpatch_local_logits"]  # [L, B, 4, K_p] (2 x 2 grid of a 16 px local)
+        tokens = forward_tokens(teacher.backbone, views.local_crops.flatten(0, 1)).patches  # [L * B, 4, D]
+        for n in range(tokens.shape[0]):
+            for i in range(4):  # on a 2 x 2 grid every other patch is a neighbour: 3 candidates, k = 4 > 3
+                neighbours = [j for j in range(4) if j != i]
+                expected = teacher.patch_head(teacher.aggregator(tokens[n, neighbours][None]))[0]
+                torch.testing.assert_close(out.flatten(0, 1)[n, i], expected, rtol=0, atol=1e-5)
+
+
+def test_regioncl_region_0_is_the_pasted_box_and_targets_the_partner_image():
+    """Through SSLModel: composites with rectangular boxes that differ per image and a partner permutation that is
+    not its own inverse (image i shows image i + 1 inside its box); non-zero centre, tau_t inside its warm-up."""
+    student, teacher, losses = build(["dino", "regioncl"])
+    losses.methods_cfg.regioncl.teacher_temp = 0.07  # warm-up 0.04 -> 0.07 over 30 epochs
+    losses.parts["regioncl"].center.copy_(torch.randn(32, generator=torch.Generator().manual_seed(9)))
+    center = losses.parts["regioncl"].center.clone()  # the buffer moves on inside the loss
+    base = make_views()
+    partner = torch.tensor([1, 2, 3, 0])
+    boxes = torch.tensor([[8, 0, 24, 16], [0, 8, 16, 32], [16, 16, 32, 24], [0, 0, 8, 24]])  # x0, y0, x1, y1 pixels
+    canvas = base.global_crops[0].clone()
+    for i, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
+        canvas[i, :, y0:y1, x0:x1] = base.global_crops[0][partner[i], :, y0:y1, x0:x1]
+    views = Views(**{**base.__dict__, "swap": RegionSwap(canvas, boxes, partner, view=0)}).validate()
+    with torch.no_grad():
+        student_out, teacher_out = student.eval()(views, "student"), teacher.eval()(views, "teacher")
+        out = losses(student_out, teacher_out, views, LossState(epoch=3.5, step=35))
+        tokens = forward_tokens(student.backbone, canvas, final_norm=False).patches  # [B, 16, D], 4 x 4 grid
+        pooled = lambda i, cells: student.head(student.backbone.norm(tokens[i, cells].mean(0)))  # noqa: E731
+        tau = 0.04 + 0.03 * 3.5 / 29  # DINO's linspace(0.04, 0.07, 30) between epochs 3 and 4
+        targets = torch.softmax((teacher_out["cls_logits"][1] - center) / tau, dim=-1)  # the clean view 1
+        terms = []
+        for i, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
+            cells = [(r, c) for r in range(4) for c in range(4)]
+            inside = [r * 4 + c for r, c in cells if x0 <= c * 8 and (c + 1) * 8 <= x1 and y0 <= r * 8 and (r + 1) * 8 <= y1]
+            outside = [j for j in range(16) if j not in inside]
+            torch.testing.assert_close(student_out["region_logits"][0, i], pooled(i, inside), rtol=0, atol=1e-5)
+            torch.testing.assert_close(student_out["region_logits"][1, i], pooled(i, outside), rtol=0, atol=1e-5)
+            for target, region in ((targets[partner[i]], 0), (targets[i], 1)):  # paste -> partner, canvas -> own
+                log_probs = torch.log_softmax(student_out["region_logits"][region, i] / 0.1, dim=-1)
+                terms.append(-(target * log_probs).sum() / 4)
+    assert out["regioncl"].item() == pytest.approx(sum(terms).item() / 2, abs=1e-5)
+
+
+def test_forward_and_losses_make_no_host_sync_ops():
+    """CPU stand-in for the GPU sync-debug test: after a first step (caches built), no op that reads a device
+    value on the host (item/bool: `_local_scalar_dense`, `nonzero`, boolean-mask indexing) and no Python data
+    turned into a tensor (`lift_fresh`: on CUDA a pageable host copy), on log steps and between them."""
+    names = ["dino", "adclr", "selfpatch", "regioncl", "flsl"]
+    student, teacher, losses = build(names)
+    views = make_views()
+
+    def step(collect_stats):
+        with torch.no_grad():
+            teacher_out = teacher(views, "teacher")
+        student_out = student(views, "student")
+        with torch.no_grad():
+            teacher_out = teacher.complete_teacher(teacher_out, student_out)
+        out = losses(student_out, teacher_out, views, LossState(epoch=0.5, step=5, collect_stats=collect_stats))
+        out["loss"].backward()
+        return out
+
+    step(False)
+    for collect_stats in (False, True):
+        with SyncOps() as recorded:
+            out = step(collect_stats)
+        assert not recorded.ops, recorded.ops
+        assert ("dino/kl" in out) == collect_stats
+
+
+class SyncOps(TorchDispatchMode):
+    """Records the ops that would synchronize the host with a CUDA device."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        bool_index = name.startswith("aten.index") and any(
+            isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in tree_leaves(args[1:]))
+        if bool_index or any(op in name for op in ("_local_scalar_dense", "nonzero", "lift_fresh", "masked_select")):
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
 
 
 def test_missing_inputs_and_bad_configs_raise_clear_errors():

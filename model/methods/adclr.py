@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from model.methods.common import DistillationConfig, ema_center_, softmax_center_teacher
-from model.methods.dino import pairwise_distillation
+from model.methods.dino import pairwise_collapse_stats, pairwise_distillation
 
 
 @dataclass
@@ -31,7 +31,7 @@ class AdclrConfig(DistillationConfig):
     student_temp: float = 0.1  # tau_s
     warmup_teacher_temp: float = 0.04  # tau_t at epoch 0
     teacher_temp: float = 0.07  # tau_t after the warm-up (released recipe)
-    warmup_teacher_temp_epochs: float = 30.0  # warm-up length in epochs
+    warmup_teacher_temp_epochs: float = 30.0  # W: DINO's per-epoch linspace warm-up
     center_momentum: float = 0.9  # query-centre EMA momentum
     queries_see_each_other: bool = True  # released code: queries attend to each other too
 
@@ -47,8 +47,11 @@ class AdclrLoss(nn.Module):
         self.register_buffer("center", torch.zeros(out_dim))  # [K]
 
     def forward(self, student_out: dict, teacher_out: dict, views, state) -> dict[str, Tensor]:
-        teacher_logits = teacher_out["query_logits"]  # [G, B, Q, K]
+        teacher_logits, student_logits = teacher_out["query_logits"], student_out["query_logits"]  # [G, B, Q, K]
         targets = softmax_center_teacher(teacher_logits, self.center, self.cfg.teacher_temperature(state.epoch))
-        loss = pairwise_distillation(targets, student_out["query_logits"], self.cfg.student_temp)
+        loss = pairwise_distillation(targets, student_logits, self.cfg.student_temp)
+        parts = {"adclr": loss}
+        if state.collect_stats:
+            parts.update(pairwise_collapse_stats("adclr", targets, student_logits.shape[0], loss))
         ema_center_(self.center, teacher_logits, self.cfg.center_momentum)
-        return {"adclr": loss}
+        return parts

@@ -2,9 +2,32 @@
 
 Everything works on the last dimension as the class/prototype axis; inputs may be bf16, the math runs
 in float32 (softmax over 65,536 prototypes in bf16 loses the teacher's sharpening).
+
+Teacher temperature (every method): DINO's schedule exactly at integer epochs. DINO builds
+`np.linspace(warmup_teacher_temp, teacher_temp, W)` followed by `teacher_temp` and indexes it with the
+integer epoch, so tau_t reaches `teacher_temp` at epoch W - 1 (W = 1: the start value at epoch 0 only;
+W = 0: no warm-up). We take that array's value at integer epochs, bit for bit (same arithmetic as numpy),
+and interpolate linearly between integer epochs, so the value depends only on the fractional epoch the
+trainer reports (DINO steps once per epoch; a mid-epoch resume gives the same value here). W must be a
+whole number of epochs (DINO's is an int).
+
+Collapse telemetry (`collapse_stats`, log steps only): for a distillation term with teacher targets
+p_t (rows of K probabilities) and student p_s,
+- `<term>/target_entropy` = mean over target rows of H(p_t) = -sum_k p_t[k] log p_t[k] (nats): near 0
+  the targets are one-hot, near log K they are uniform (the "uniform" collapse that sharpening prevents);
+- `<term>/prototypes_in_use` = exp(H(mean of p_t over the global batch, all ranks)): 1 when every row
+  puts its mass on the same prototype (the "one dimension dominates" collapse that centring prevents),
+  K when the batch uses all prototypes evenly;
+- `<term>/kl` = the mean KL(p_t || p_s) over the (teacher row, student row) pairs of the loss, weighted as
+  the loss weights them: cross-entropy - H(p_t) pair by pair, i.e. the loss minus the pair-weighted
+  target entropy. A loss that falls because the targets flattened or sharpened shows in the entropies;
+  a loss that falls because the student matches the teacher shows in the KL.
+All three are 0-d float32 tensors on the device (no host sync); the trainer averages them over ranks
+(equal batches per rank, so the rank mean of row means is the global mean) and logs them.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -14,14 +37,18 @@ from torch import Tensor
 
 
 def teacher_temperature(epoch: float, start: float, end: float, warmup_epochs: float) -> float:
-    """Linear warm-up from `start` to `end` over `warmup_epochs` (fractional epochs), then `end`.
-
-    DINO steps the temperature once per epoch; we interpolate within epochs too so the value depends
-    only on the fractional epoch the trainer reports (resuming mid-epoch gives the same value).
-    """
-    if warmup_epochs <= 0 or epoch >= warmup_epochs:
+    """DINO's `np.linspace(start, end, W)` at integer epochs (then `end`), linear in between (see above)."""
+    warmup = int(warmup_epochs)
+    if warmup <= 0:
         return float(end)
-    return float(start + (end - start) * max(epoch, 0.0) / warmup_epochs)
+    last_ramp_epoch = max(warmup - 1, 1)  # linspace ends on `end` at index W - 1; W = 1 is [start] then end
+    epoch = max(float(epoch), 0.0)
+    if epoch >= last_ramp_epoch:
+        return float(end)
+    step = (end - start) / last_ramp_epoch  # numpy's linspace: index * step + start, the last one = end
+    below = math.floor(epoch)
+    low, high = below * step + start, (end if below + 1 >= last_ramp_epoch else (below + 1) * step + start)
+    return float(low + (high - low) * (epoch - below))
 
 
 def softmax_center_teacher(teacher_logits: Tensor, center: Tensor | None, temperature: float) -> Tensor:
@@ -69,6 +96,32 @@ def ema_center_(center: Tensor, batch_logits: Tensor, momentum: float) -> None:
     center.mul_(momentum).add_(batch_center.to(center.dtype), alpha=1.0 - momentum)
 
 
+def entropy(probs: Tensor) -> Tensor:
+    """H(p) = -sum_k p[k] log p[k] over the last dim, in nats (0 log 0 = 0)."""
+    return torch.special.entr(probs.float()).sum(dim=-1)
+
+
+@torch.no_grad()
+def collapse_stats(term: str, targets: list[Tensor], row_entropy: list[Tensor], loss: Tensor,
+                   paired_entropy: Tensor) -> dict[str, Tensor]:
+    """The three collapse figures of one term (module docstring), as 0-d float32 device tensors.
+
+    targets: the teacher's target rows the loss read, in groups [..., K] (not concatenated: a copy of
+    every patch target would cost memory); row_entropy: `entropy` of each group ([...]); loss: the term's
+    mean cross-entropy; paired_entropy: the mean of H(p_t) over the loss's pairs with the loss's weights.
+    The batch-mean target is all-reduced (a collective: every rank must call this on the same steps).
+    """
+    num_rows = sum(h.numel() for h in row_entropy)
+    mean_row_entropy = sum(h.sum() for h in row_entropy) / num_rows
+    column_sums = [t.detach().float().reshape(-1, t.shape[-1]).sum(dim=0) for t in targets]
+    mean_target = distributed_mean(torch.stack(column_sums).sum(dim=0) / num_rows)  # [K], global batch
+    return {
+        f"{term}/target_entropy": mean_row_entropy,
+        f"{term}/prototypes_in_use": entropy(mean_target).exp(),
+        f"{term}/kl": loss.detach().float() - paired_entropy,
+    }
+
+
 @dataclass
 class DistillationConfig:
     """Fields every teacher-student method shares (each method's config subclasses this)."""
@@ -78,7 +131,7 @@ class DistillationConfig:
     student_temp: float = 0.1  # tau_s of the student's softmax
     warmup_teacher_temp: float = 0.04  # tau_t at epoch 0
     teacher_temp: float = 0.04  # tau_t after the warm-up
-    warmup_teacher_temp_epochs: float = 30.0  # linear warm-up length in (fractional) epochs
+    warmup_teacher_temp_epochs: float = 30.0  # W: warm-up length in whole epochs (tau_t = teacher_temp from epoch W - 1)
     center_momentum: float = 0.9  # EMA momentum of the teacher centre (DINO: 0.9)
 
     def validate(self, prefix: str = "methods") -> None:
@@ -87,8 +140,10 @@ class DistillationConfig:
         for name in ("student_temp", "warmup_teacher_temp", "teacher_temp"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{prefix}.{name}: must be > 0, got {getattr(self, name)}")
-        if self.warmup_teacher_temp_epochs < 0:
-            raise ValueError(f"{prefix}.warmup_teacher_temp_epochs: must be >= 0, got {self.warmup_teacher_temp_epochs}")
+        warmup = self.warmup_teacher_temp_epochs
+        if warmup < 0 or float(warmup) != int(warmup):
+            raise ValueError(f"{prefix}.warmup_teacher_temp_epochs: must be a whole number of epochs >= 0 (DINO's "
+                             f"schedule has one value per epoch), got {warmup}")
         if not 0.0 <= self.center_momentum <= 1.0:
             raise ValueError(f"{prefix}.center_momentum: must be in [0, 1], got {self.center_momentum}")
 

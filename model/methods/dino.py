@@ -3,17 +3,31 @@
 Algorithm (METHODS.md section 1): the teacher's targets p_t = softmax((t - c) / tau_t) of every global
 view a are distilled into the student's softmax(s / tau_s) of every view v != a (globals then locals);
 loss = mean over those 2 (G + L) - 2 pairs of the batch-mean cross-entropy. After the loss, the centre
-c <- m c + (1 - m) mean(teacher logits of the global batch) (all ranks).
+c <- m c + (1 - m) mean(teacher logits of the global batch) (all ranks). With DINO's settings this equals
+the released `DINOLoss` at every integer epoch, warm-up included (tested against a re-implementation).
 
 Decisions:
 - Pairs: a teacher global view a and the student view with the same index are skipped (v == a); the
   student's views are ordered globals first, so that is "the same crop" exactly as in DINO.
-- tau_t warms up linearly in *fractional* epochs (DINO: per-epoch steps); see `teacher_temperature`.
+- tau_t: DINO's `np.linspace` warm-up at integer epochs, linear between them (`common.teacher_temperature`).
 - The centre is a persistent buffer (carried by `state_dict`, so checkpoints resume exactly) and is
-  all-reduced synchronously: the reduction is K floats once per step, cheaper than the bookkeeping of
-  an async handle.
+  all-reduced synchronously, as released: K floats once per step.
 - The student's log-softmax is computed once per view ([V, B, K] float32), not once per pair, and the
   pairs are summed in closed form (`pairwise_distillation`): backward memory does not grow with pairs.
+- Collapse telemetry on log steps (`common.collapse_stats`): "dino/target_entropy",
+  "dino/prototypes_in_use", "dino/kl" (KL = loss - the pair-weighted target entropy).
+
+Remaining deviations from the released training (facebookresearch/dino main_dino.py), with reasons:
+- Gradient clipping: DeepSpeed clips the global gradient norm (`deepspeed.gradient_clipping`, 3.0);
+  DINO clips each parameter's gradient to norm 3.0 (`utils.clip_gradients`). DeepSpeed computes one norm
+  over the (partitioned, reduced) gradients; a per-parameter clip would need every partition's norms per
+  parameter under ZeRO 2/3. The global norm is the bound most trainers use; it clips less often.
+- Last-layer freeze: lr 0 for the `last_layer` group instead of dropping its gradient, so AdamW's
+  moments see the frozen epoch's gradients (`train/engine.py`: ZeRO owns the gradient buffers).
+- Precision: bf16 student (DeepSpeed bf16, fp32 master weights) and a bf16-autocast fp32 teacher instead
+  of fp16 autocast with a loss scaler; the head's last layer and every softmax run in fp32 (TF32 on
+  GPU, `methods.head.tf32`: the same 10-bit mantissa as DINO's fp16 last layer, fp32 accumulation).
+- The loss is computed in float32 from fp32 logits; DINO's runs on fp16 head outputs under autocast.
 """
 from __future__ import annotations
 
@@ -22,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from model.methods.common import DistillationConfig, ema_center_, softmax_center_teacher
+from model.methods.common import DistillationConfig, collapse_stats, ema_center_, entropy, softmax_center_teacher
 
 
 @dataclass
@@ -32,7 +46,7 @@ class DinoConfig(DistillationConfig):
     student_temp: float = 0.1  # tau_s
     warmup_teacher_temp: float = 0.04  # tau_t at epoch 0
     teacher_temp: float = 0.04  # tau_t after warm-up (ViT-S default; 0.07 for the boosted recipe)
-    warmup_teacher_temp_epochs: float = 30.0  # warm-up length in epochs
+    warmup_teacher_temp_epochs: float = 30.0  # W: tau_t = np.linspace(warmup, final, W)[epoch], then final
     center_momentum: float = 0.9  # centre EMA momentum
 
 
@@ -57,6 +71,18 @@ def pairwise_distillation(targets: Tensor, student_logits: Tensor, student_temp:
     return -(all_pairs - same_pairs).mean() / pairs
 
 
+@torch.no_grad()
+def pairwise_collapse_stats(term: str, targets: Tensor, num_student_views: int, loss: Tensor) -> dict[str, Tensor]:
+    """`collapse_stats` of a `pairwise_distillation` term: teacher view a is paired with V - 1 student views
+    (V if it has no same-index student view), so its rows' entropy is weighted by that count."""
+    row_entropy = entropy(targets)  # [A, ...rows]
+    num_teacher = targets.shape[0]
+    pairs_per_view = [num_student_views - (a < num_student_views) for a in range(num_teacher)]  # host ints
+    view_means = row_entropy.flatten(1).mean(dim=1)  # [A]
+    paired = sum(weight * view_means[a] for a, weight in enumerate(pairs_per_view)) / sum(pairs_per_view)
+    return collapse_stats(term, [targets], [row_entropy], loss, paired)
+
+
 class DinoLoss(nn.Module):
     """Reads student_out["cls_logits"] [G+L, B, K] and teacher_out["cls_logits"] [G, B, K]."""
 
@@ -68,8 +94,11 @@ class DinoLoss(nn.Module):
         self.register_buffer("center", torch.zeros(out_dim))  # [K]
 
     def forward(self, student_out: dict, teacher_out: dict, views, state) -> dict[str, Tensor]:
-        teacher_logits = teacher_out["cls_logits"]  # [G, B, K]
+        teacher_logits, student_logits = teacher_out["cls_logits"], student_out["cls_logits"]  # [G, B, K], [V, B, K]
         targets = softmax_center_teacher(teacher_logits, self.center, self.cfg.teacher_temperature(state.epoch))
-        loss = pairwise_distillation(targets, student_out["cls_logits"], self.cfg.student_temp)
+        loss = pairwise_distillation(targets, student_logits, self.cfg.student_temp)
+        parts = {"dino": loss}
+        if state.collect_stats:
+            parts.update(pairwise_collapse_stats("dino", targets, student_logits.shape[0], loss))
         ema_center_(self.center, teacher_logits, self.cfg.center_momentum)
-        return {"dino": loss}
+        return parts

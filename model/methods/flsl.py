@@ -38,6 +38,7 @@ Decisions (checked against the released code, QingSuML/FLSL `main_flsl.py` `trai
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -46,7 +47,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.methods.common import DistillationConfig, cross_entropy
+from model.methods.common import DistillationConfig, collapse_stats, cross_entropy, entropy
 
 
 @dataclass
@@ -56,7 +57,7 @@ class FlslConfig(DistillationConfig):
     student_temp: float = 0.1  # tau_s
     warmup_teacher_temp: float = 0.04  # tau_t at epoch 0
     teacher_temp: float = 0.07  # tau_t after the warm-up
-    warmup_teacher_temp_epochs: float = 30.0  # warm-up length in epochs
+    warmup_teacher_temp_epochs: float = 30.0  # W: DINO's per-epoch linspace warm-up
     center_momentum: float = 0.9  # unused: FLSL has no centring (kept for the shared schema)
     ms_weight: float = 0.03  # weight of L_ms
     km_weight: float = 1.0  # weight of L_km
@@ -73,8 +74,10 @@ class FlslConfig(DistillationConfig):
             raise ValueError(f"{prefix}.global_window/local_window/out_dim: must be >= 1")
 
 
+@functools.lru_cache(maxsize=None)
 def window_query_index(grid: tuple[int, int], window: int, device=None) -> Tensor:
-    """Flat indices of the centre cell of every full window x window window of the grid -> [Nq]."""
+    """Flat indices of the centre cell of every full window x window window of the grid -> [Nq] (built on
+    the device, cached per (grid, window, device): read-only, shared by every step)."""
     height, width = grid
     offset = window // 2
     rows = torch.arange(height // window, device=device) * window + offset
@@ -121,4 +124,8 @@ class FlslLoss(nn.Module):
         vmr = (mean_probs * torch.log(mean_probs.clamp_min(1e-12))).sum() + math.log(mean_probs.shape[0])
 
         total = cfg.ms_weight * ms + cfg.km_weight * km + cfg.vmr_weight * vmr
-        return {"flsl": total, "flsl_ms": ms, "flsl_km": km, "flsl_vmr": vmr}
+        parts = {"flsl": total, "flsl_ms": ms, "flsl_km": km, "flsl_vmr": vmr}
+        if state.collect_stats:  # of the clustering term L_km: its targets and its KL
+            row_entropy = entropy(targets)  # [B, N]
+            parts.update(collapse_stats("flsl", [targets], [row_entropy], km, row_entropy.mean()))
+        return parts

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from model.methods.common import DistillationConfig, cross_entropy, ema_center_, softmax_center_teacher
+from model.methods.common import (DistillationConfig, collapse_stats, cross_entropy, ema_center_, entropy,
+                                  softmax_center_teacher)
 
 
 @dataclass
@@ -32,7 +33,7 @@ class RegionClConfig(DistillationConfig):
     student_temp: float = 0.1  # tau_s
     warmup_teacher_temp: float = 0.04  # tau_t at epoch 0 (as DINO)
     teacher_temp: float = 0.04  # tau_t after warm-up (as DINO)
-    warmup_teacher_temp_epochs: float = 30.0  # warm-up length in epochs
+    warmup_teacher_temp_epochs: float = 30.0  # W: DINO's per-epoch linspace warm-up
     center_momentum: float = 0.9  # centre EMA momentum (as DINO)
 
 
@@ -68,5 +69,16 @@ class RegionClLoss(nn.Module):
             terms.append(cross_entropy(targets[g][swap.partner], paste_logits, self.cfg.student_temp).mean())
             terms.append(cross_entropy(targets[g], canvas_logits, self.cfg.student_temp).mean())
         loss = torch.stack(terms).mean()
+        parts = {"regioncl": loss}
+        if state.collect_stats:
+            parts.update(self._collapse_stats([targets[g] for g in target_views], swap.partner, loss))
         ema_center_(self.center, teacher_logits, self.cfg.center_momentum)
-        return {"regioncl": loss}
+        return parts
+
+    @torch.no_grad()
+    def _collapse_stats(self, targets: list[Tensor], partner: Tensor, loss: Tensor) -> dict[str, Tensor]:
+        """targets: [B, K] per target view. Each view's rows enter the loss twice, permuted by `partner`
+        (paste) and as they are (canvas): the pair-weighted entropy averages both."""
+        row_entropy = [entropy(view_targets) for view_targets in targets]  # [B] each
+        paired = torch.stack([(h[partner].mean() + h.mean()) / 2 for h in row_entropy]).mean()
+        return collapse_stats("regioncl", targets, row_entropy, loss, paired)
