@@ -138,11 +138,18 @@ def test_benchmark_mode_prints_throughput_figures(beton, tmp_path, capsys, monke
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     config = write_tiny_config(tmp_path, beton, run_dir, log={"tensorboard": True})
-    assert main(["--config", str(config), "--benchmark", "3", "--warmup-steps", "1"]) == 0
+    figures_path = tmp_path / "figures.json"
+    assert main(["--config", str(config), "--benchmark", "3", "--warmup-steps", "1", "--json", str(figures_path)]) == 0
     printed = capsys.readouterr().out
-    for figure in ("images/s", "step time", "data wait", "MFU", "peak memory"):
+    for figure in ("images/s", "step time", "forward+backward", "optimizer+EMA", "data wait", "views",
+                   "of the spec peak 1.00 TFLOP/s", "of the measured matmul peak", "peak memory"):
         assert figure in printed, figure
     assert "3 steps after warm-up" in printed
+    figures = json.loads(figures_path.read_text())
+    assert figures["steps"] == 3 and figures["global_batch"] == 4 and figures["spec_peak_flops"] == 1e12
+    assert figures["images_per_second"] * figures["step_time_s"] == pytest.approx(4, rel=1e-9)
+    assert figures["mfu_measured"] == pytest.approx(figures["mfu"] * 1e12 / figures["measured_peak_flops"], rel=1e-9)
+    assert f"{figures['images_per_second']:.1f}" in printed
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl"]
     assert {name: (run_dir / name).read_text() for name in finished} == finished
     assert not any((run_dir / "checkpoints").iterdir())

@@ -113,7 +113,7 @@ def train_loop(run: Run, evaluate=None, benchmark_warmup: int = -1) -> str:
                 log_now = (run.step + 1) % cfg.log.every_steps == 0 or run.step + 1 == run.total_steps
                 state = LossState(epoch=run.step / run.steps_per_epoch, step=run.step, collect_stats=log_now)
                 parts = train_step(run.engine, run.group_kinds, run.teacher, run.losses, views, state, values,
-                                   bf16=cfg.deepspeed.bf16, zero_stage=cfg.deepspeed.zero_stage)
+                                   bf16=cfg.deepspeed.bf16, zero_stage=cfg.deepspeed.zero_stage, timer=run.telemetry.phases)
                 nonfinite |= ~torch.isfinite(parts["loss"])
                 run.step += 1
                 run.telemetry.advance()

@@ -2,9 +2,12 @@
 
 Top-down, in DINO's order: config -> distributed init -> data -> student, teacher, losses -> DeepSpeed
 engine -> schedules -> resume -> loop (log, checkpoint, k-NN every N epochs) -> final checkpoint,
-k-NN and (optionally) the baseline comparison. `--benchmark N` runs `--warmup-steps` steps, then N
-timed steps, and prints images/s, data-wait %, step time, MFU and peak memory (no checkpoints, no
-evaluation, no resume); its config/metrics go to a fresh temporary folder (logged), never to `run_dir`.
+k-NN and (optionally) the baseline comparison. `--benchmark N` measures the device's matmul peak (one
+large bf16 matmul on a GPU), runs `--warmup-steps` steps, then N timed steps, and prints images/s, step
+time with its device split (forward+backward, optimizer+EMA), data wait (host), views time (device), MFU
+against the spec and the measured peak, and peak memory (`--json PATH` writes the same figures); no
+checkpoints, no evaluation, no resume; its config/metrics go to a fresh temporary folder (logged), never
+to `run_dir`.
 The data files are checked to exist before anything is built; a finished run re-run logs "nothing to
 train" and exits 0. The `--local_rank` that the DeepSpeed launcher appends is accepted and ignored (the rank
 comes from the environment).
@@ -36,6 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--benchmark", type=int, default=0, metavar="STEPS",
                         help="time STEPS steps after warm-up and print throughput (default: 0 = train)")
     parser.add_argument("--warmup-steps", type=int, default=5, help="untimed steps before --benchmark timing (default: 5)")
+    parser.add_argument("--json", metavar="PATH", help="--benchmark: also write its figures to this JSON file")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_intermixed_args(argv)  # overrides may come before and after --config
 
@@ -54,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     from train.loop import NonFiniteLoss  # imports DeepSpeed (through train.engine)
 
     try:
-        result = train(cfg, benchmark_steps=args.benchmark, warmup_steps=args.warmup_steps)
+        result = train(cfg, benchmark_steps=args.benchmark, warmup_steps=args.warmup_steps, json_path=args.json)
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
@@ -64,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if result in ("done", "stopped") else 1
 
 
-def train(cfg, benchmark_steps: int = 0, warmup_steps: int = 5) -> str:
+def train(cfg, benchmark_steps: int = 0, warmup_steps: int = 5, json_path: str | None = None) -> str:
     """Run one training (or benchmark) of a TrainConfig; returns "done" or "stopped" (signal)."""
     from train.config import resolve_device
     from train.loop import save_run_checkpoint, train_loop
@@ -75,7 +79,7 @@ def train(cfg, benchmark_steps: int = 0, warmup_steps: int = 5) -> str:
     run = build_run(cfg, device, benchmark_steps, warmup_steps)
     if benchmark_steps:
         train_loop(run, benchmark_warmup=min(warmup_steps, run.total_steps - 1))
-        print_benchmark(run, benchmark_steps)
+        print_benchmark(run, benchmark_steps, json_path)
         run.telemetry.close()
         return "done"
     if run.step >= run.total_steps:
@@ -114,7 +118,7 @@ def build_run(cfg, device, benchmark_steps: int = 0, warmup_steps: int = 5):
     from train.engine import build_student_engine, init_distributed, make_teacher
     from train.loop import Run
     from train.schedules import build_schedules
-    from train.telemetry import Telemetry, peak_flops
+    from train.telemetry import Telemetry, measured_matmul_flops, peak_flops
 
     if cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
@@ -154,6 +158,8 @@ def build_run(cfg, device, benchmark_steps: int = 0, warmup_steps: int = 5):
         run_dir, rank=rank, device=device, total_steps=total_steps, images_per_step=global_batch, world_size=world_size,
         flops_per_image=count_step_flops(cfg.model, cfg.methods, cfg.recipe),
         peak_flops=peak_flops(device, cfg.log.peak_tflops), log_cfg=cfg.log, start_step=run.step,
+        measured_peak_flops=measured_matmul_flops(device) if benchmark_steps else None,
+        views_seconds=loader.take_views_seconds,
     )
     logger.info("rank %d/%d on %s: %d steps/epoch, %d steps (from %d), global batch %d, peak lr %.3g",
                 rank, world_size, device, len(loader), total_steps, run.step, global_batch, schedules.lr.max())
@@ -199,20 +205,39 @@ def final_knn(run) -> dict:
     return results
 
 
-def print_benchmark(run, steps: int) -> None:
-    record = run.telemetry.last
+def print_benchmark(run, steps: int, json_path: str | None = None) -> None:
+    """The benchmark's figures (one telemetry interval: from the end of warm-up to the last step)."""
+    record, telemetry = run.telemetry.last, run.telemetry
     if run.rank != 0 or not record:
         return
-    mfu = "n/a" if record["mfu"] is None else f"{100 * record['mfu']:.2f}%"
-    print(f"benchmark: {steps} steps after warm-up, global batch {run.telemetry.images_per_step}, "
+    figures = {key: record[key] for key in BENCHMARK_FIGURES}
+    figures.update(steps=steps, global_batch=telemetry.images_per_step, world_size=run.world_size, device=str(run.device),
+                   flops_per_image=telemetry.flops_per_image, spec_peak_flops=telemetry.peak,
+                   measured_peak_flops=telemetry.measured_peak)
+    if json_path:
+        Path(json_path).write_text(json.dumps(figures, indent=2) + "\n")
+    ms = {key: 1000 * record[key] for key in ("step_time_s", "data_wait_s", "views_s", "forward_backward_s", "optimizer_s")}
+    print(f"benchmark: {steps} steps after warm-up, global batch {telemetry.images_per_step}, "
           f"{run.world_size} rank(s) on {run.device}\n"
           f"  images/s          {record['images_per_second']:.1f}\n"
-          f"  step time         {record['step_time_s'] * 1000:.1f} ms\n"
-          f"  data wait         {100 * record['data_wait_fraction']:.1f}%\n"
-          f"  MFU               {mfu} (peak {run.telemetry.peak / 1e12:.2f} TFLOP/s, "
-          f"{run.telemetry.flops_per_image / 1e9:.2f} GFLOP/image)\n"
+          f"  step time         {ms['step_time_s']:.1f} ms (device: forward+backward {ms['forward_backward_s']:.1f} ms, "
+          f"optimizer+EMA {ms['optimizer_s']:.1f} ms)\n"
+          f"  data wait         {100 * record['data_wait_fraction']:.1f}% ({ms['data_wait_s']:.1f} ms/step on the host)\n"
+          f"  views             {ms['views_s']:.1f} ms/step of device time\n"
+          f"  MFU               {_mfu(record['mfu'], telemetry.peak, 'spec')}; "
+          f"{_mfu(record['mfu_measured'], telemetry.measured_peak, 'measured matmul')} "
+          f"({telemetry.flops_per_image / 1e9:.2f} GFLOP/image)\n"
           f"  peak memory       {record['peak_memory_gib']:.2f} GiB", flush=True)
 
+
+BENCHMARK_FIGURES = ("images_per_second", "step_time_s", "data_wait_s", "data_wait_fraction", "views_s",
+                     "forward_backward_s", "optimizer_s", "mfu", "mfu_measured", "peak_memory_gib")
+
+
+def _mfu(mfu: float | None, peak: float | None, name: str) -> str:
+    if mfu is None:
+        return f"n/a of the {name} peak"
+    return f"{100 * mfu:.2f}% of the {name} peak {peak / 1e12:.2f} TFLOP/s"
 
 if __name__ == "__main__":
     sys.exit(main())
