@@ -1,4 +1,5 @@
-"""Evaluation: DINO's weighted k-NN against a naive loop, the CLIs on a real (tiny) run, the linear probe."""
+"""Evaluation: DINO's weighted k-NN against a naive loop (memory and queries are distinct image sets), the CLIs
+on a real (tiny) run, the linear probe, the features each method's run evaluates."""
 from __future__ import annotations
 
 import json
@@ -7,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import imagefactory
 from test_train_support import make_tiny_beton, read_metrics, tiny_config
 from train.eval_linear import train_linear_probe
-from train.knn import extract_features, knn_classify, raw_pixel_features
+from train.knn import extract_features, feature_extractor, knn_accuracy, knn_classify, raw_pixel_features
 
 
 def naive_knn(train_f, train_l, test_f, test_l, k, temperature):
@@ -39,12 +41,15 @@ def test_knn_matches_naive_loop():
 
 
 def test_knn_separable_clusters_are_perfect_and_unlabelled_data_is_refused():
-    centres = F.normalize(torch.randn(3, 8, generator=torch.Generator().manual_seed(1)), dim=1)
+    generator = torch.Generator().manual_seed(1)
+    centres = F.normalize(torch.randn(3, 8, generator=generator), dim=1)
     labels = torch.arange(3).repeat_interleave(10)
-    features = F.normalize(centres[labels] + 0.01 * torch.randn(30, 8), dim=1)
-    assert knn_classify(features, labels, features, labels, k=5)["knn_top1"] == 100.0
+    memory = F.normalize(centres[labels] + 0.01 * torch.randn(30, 8, generator=generator), dim=1)
+    queries = F.normalize(centres[labels] + 0.01 * torch.randn(30, 8, generator=generator), dim=1)  # new samples
+    assert knn_classify(memory, labels, queries, labels, k=5)["knn_top1"] == 100.0
+    assert knn_classify(memory, labels, queries, labels.roll(10), k=5)["knn_top1"] == 0.0  # labels that disagree
     with pytest.raises(ValueError, match="labelled"):
-        knn_classify(features, labels - 1, features, labels, k=5)
+        knn_classify(memory, labels - 1, queries, labels, k=5)
 
 
 def test_linear_probe_learns_separable_features():
@@ -55,39 +60,69 @@ def test_linear_probe_learns_separable_features():
     assert result["linear_top1"] >= 95.0 and result["linear_top5"] == 100.0
 
 
+def make_query_beton(folder):
+    """9 labelled images (3 classes) none of which is in `make_tiny_beton`'s 24: distinct colours and sizes, so
+    no query finds itself in the memory bank (that would hide a broken vote or a missing gather)."""
+    from preprocess.build import build_ffcv
+
+    root = folder / "query_images"
+    for class_id in range(3):
+        for j in range(3):
+            pixels = imagefactory.smooth_image(100 + 3 * class_id + j, 52, 60)
+            imagefactory.write_jpeg(root / f"class_{class_id}" / f"img_{j:03d}.jpg", pixels)
+    build_ffcv(root, folder / "queries.beton")
+    return folder / "queries.beton"
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     from train.main import train
 
     folder = tmp_path_factory.mktemp("eval")
-    beton = make_tiny_beton(folder)
+    beton, queries = make_tiny_beton(folder), make_query_beton(folder)
     config = tiny_config(folder, beton, folder / "run", [
-        "schedule.max_steps=6", f"eval.train_path={beton}", f"eval.test_path={beton}", "eval.image_size=32",
+        "schedule.max_steps=6", f"eval.train_path={beton}", f"eval.test_path={queries}", "eval.image_size=32",
         "eval.batch_size=7", "eval.every_epochs=1", "eval.compare_baselines=true",
     ])
     assert train(config) == "done"
-    return folder / "run", beton
+    return folder / "run", beton, queries
+
+
+def teacher_features(run_dir, path, kind="cls"):
+    from train.restore import load_teacher
+
+    _, teacher, _ = load_teacher(run_dir)
+    return extract_features(feature_extractor(teacher, kind), str(path), image_size=32, batch_size=7,
+                            device=torch.device("cpu"), workers=0)
 
 
 @pytest.mark.slow
 def test_training_logs_knn_and_writes_the_baseline_comparison(trained_run):
-    run_dir, _ = trained_run
+    run_dir, beton, queries = trained_run
     evaluations = read_metrics(run_dir, kind="eval")
     assert len(evaluations) == 1 and evaluations[0]["step"] == 6  # at the end (epoch 1 is the last step)
+    memory, memory_labels = teacher_features(run_dir, beton)
+    test, test_labels = teacher_features(run_dir, queries)
+    assert memory.shape[0] == 24 and test.shape[0] == 9 and (test @ memory.T).max() < 0.9999  # no query in memory
+    expected = naive_knn(memory, memory_labels, test, test_labels, k=20, temperature=0.07)
+    assert evaluations[0]["knn_top1"] == pytest.approx(expected["knn_top1"])
+    assert evaluations[0]["knn_top5"] == pytest.approx(expected["knn_top5"])
     comparison = json.loads((run_dir / "knn_comparison.json").read_text())
     assert set(comparison) == {"trained teacher", "random-init backbone", "raw pixels"}
     assert comparison["trained teacher"]["knn_top1"] == evaluations[0]["knn_top1"]
     train_records = read_metrics(run_dir)
     for key in ("loss", "dino", "lr", "weight_decay", "teacher_momentum", "teacher_temperature/dino",
-                "images_per_second", "data_wait_fraction", "step_time_s", "mfu", "peak_memory_gib", "epoch"):
+                "images_per_second", "data_wait_fraction", "step_time_s", "mfu", "peak_memory_gib", "epoch",
+                "dino/target_entropy", "dino/prototypes_in_use", "dino/kl"):
         assert key in train_records[-1], key
+    assert 1.0 <= train_records[-1]["dino/prototypes_in_use"] <= 64.0  # K = 64 in the tiny preset
 
 
 @pytest.mark.slow
 def test_eval_knn_cli_reproduces_training_knn(trained_run, capsys):
     from train.eval_knn import main
 
-    run_dir, _ = trained_run
+    run_dir, _, _ = trained_run
     assert main([str(run_dir), "--json", "--baselines", "--workers", "0"]) == 0
     printed = json.loads(capsys.readouterr().out)
     trained = next(v for k, v in printed.items() if k.startswith("trained teacher"))
@@ -101,14 +136,48 @@ def test_eval_knn_cli_reproduces_training_knn(trained_run, capsys):
 def test_eval_linear_cli_and_raw_pixel_features(trained_run, capsys):
     from train.eval_linear import main
 
-    run_dir, beton = trained_run
-    assert main([str(run_dir), "--epochs", "3", "--workers", "0"]) == 0
+    run_dir, beton, queries = trained_run
+    assert main([str(run_dir), "--epochs", "3", "--workers", "0", "--features", "cls+patch_mean"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert 0 <= result["linear_top1"] <= 100 and result["checkpoint"].endswith("step_00000006")
+    assert result["checkpoint"].endswith("step_00000006")
+    common = dict(image_size=32, batch_size=7, device=torch.device("cpu"), workers=0, normalize=False)
+    from train.restore import load_teacher
+
+    teacher = feature_extractor(load_teacher(run_dir)[1], "cls+patch_mean")
+    train_x, train_y = extract_features(teacher, str(beton), **common)
+    test_x, test_y = extract_features(teacher, str(queries), **common)
+    assert train_x.shape == (24, 128)  # cls and mean patch token of width 64, concatenated
+    expected = train_linear_probe(train_x, train_y, test_x, test_y, epochs=3, lr=0.1, batch_size=256)
+    assert {k: result[k] for k in expected} == pytest.approx(expected)
     features, labels = extract_features(raw_pixel_features, str(beton), image_size=16, batch_size=5,
                                         device=torch.device("cpu"), workers=0, max_samples=10)
     assert features.shape == (10, 3 * 16 * 16) and labels.tolist() == [0] * 8 + [1] * 2
     torch.testing.assert_close(features.norm(dim=1), torch.ones(10))
+
+
+def test_flsl_only_knn_uses_the_mean_patch_token(tmp_path):
+    """An FLSL-only model's k-NN ("auto") reads the mean of the final-norm patch tokens, not the cls token."""
+    from model import HeadConfig, MethodsConfig, ModelConfig, SSLModel
+    from model.backbone import forward_tokens
+    from train.config import EvalConfig
+
+    methods = MethodsConfig(head=HeadConfig(out_dim=16, hidden_dim=16, bottleneck_dim=8))
+    methods.dino.enabled, methods.flsl.enabled, methods.flsl.out_dim = False, True, 16
+    torch.manual_seed(0)
+    model = SSLModel(ModelConfig(arch="vit_tiny_patch16_224", embed_dim=32, depth=2, num_heads=2, patch_size=8,
+                                 img_size=32), methods).eval()
+    beton, queries = make_tiny_beton(tmp_path), make_query_beton(tmp_path)
+    eval_cfg = EvalConfig(train_path=str(beton), test_path=str(queries), image_size=32, batch_size=8, k=5)
+    common = dict(image_size=32, batch_size=8, device=torch.device("cpu"), workers=0)
+    patch_mean = lambda images: forward_tokens(model.backbone, images).patches.mean(dim=1)  # noqa: E731
+    cls = lambda images: forward_tokens(model.backbone, images).cls  # noqa: E731
+    auto_features, _ = extract_features(feature_extractor(model), str(beton), **common)
+    torch.testing.assert_close(auto_features, extract_features(patch_mean, str(beton), **common)[0], rtol=0, atol=1e-6)
+    assert not torch.allclose(auto_features, extract_features(cls, str(beton), **common)[0], atol=1e-2)
+    memory, memory_labels = extract_features(patch_mean, str(beton), **common)
+    test, test_labels = extract_features(patch_mean, str(queries), **common)
+    expected = knn_classify(memory, memory_labels, test, test_labels, k=5, temperature=0.07)
+    assert knn_accuracy(feature_extractor(model, eval_cfg.features), eval_cfg, torch.device("cpu"), workers=0) == expected
 
 
 @pytest.mark.parametrize("module", ["eval_knn", "eval_linear"])

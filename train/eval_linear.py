@@ -1,14 +1,16 @@
 """`python -m train.eval_linear RUN_DIR_OR_CHECKPOINT [options]`: a linear probe on frozen teacher features.
 
-Features (the teacher backbone's final-norm cls token) are extracted once for the labelled train and
-test sets, standardized with the train set's mean/std, and a linear layer is trained on them with SGD
-(momentum 0.9, cosine lr, no weight decay by default), then top-1/top-5 on the test set are printed.
+Features (`--features`, default the run's `eval.features`: the image-level token, the mean patch token or
+both, see `train/knn.py`) are extracted once for the labelled train and test sets, standardized with the
+train set's mean/std, and a linear layer is trained on them with SGD (momentum 0.9, cosine lr, no weight
+decay by default), then top-1/top-5 on the test set are printed.
 
 Decisions (simplifications of DINO's protocol, stated so the numbers are read right):
 - Cached features of the centre crop, no training augmentation: minutes instead of hours on CPU; DINO
   augments (random resized crop + flip) and re-extracts every epoch, which adds ~1-2 points on ImageNet.
-- The final-norm cls token only (DINO ViT-S concatenates the cls tokens of the last 4 blocks; ViT-B
-  adds average-pooled patch tokens): the same feature that k-NN and export use.
+- The final-norm tokens only (DINO ViT-S concatenates the cls tokens of the last 4 blocks; ViT-B uses
+  the last cls token and the average-pooled patch tokens, i.e. `--features cls+patch_mean`): the same
+  features that k-NN uses.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import sys
 import torch
 from torch import nn
 
-from train.knn import extract_features
+from train.knn import extract_features, feature_extractor
 from train.restore import load_teacher_for_cli
 
 
@@ -63,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=0.1, help="SGD peak learning rate, cosine to 0 (default: 0.1)")
     parser.add_argument("--batch-size", type=int, default=256, help="probe batch size (default: 256)")
     parser.add_argument("--max-train-samples", type=int, default=0, help="first N training images (default: 0 = all)")
+    parser.add_argument("--features", choices=("auto", "cls", "patch_mean", "cls+patch_mean"),
+                        help="teacher features (default: the run's eval.features; auto = patch_mean for FLSL-only runs)")
     parser.add_argument("--workers", type=int, default=2, help="decode worker processes (default: 2)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     return parser.parse_args(argv)
@@ -81,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     common = dict(image_size=args.image_size or config.eval.image_size, batch_size=config.eval.batch_size,
                   device=device, workers=args.workers, normalize=False)
-    train_x, train_y = extract_features(teacher.features, train_path, max_samples=args.max_train_samples, **common)
-    test_x, test_y = extract_features(teacher.features, test_path, **common)
+    features = feature_extractor(teacher, args.features or config.eval.features)
+    train_x, train_y = extract_features(features, train_path, max_samples=args.max_train_samples, **common)
+    test_x, test_y = extract_features(features, test_path, **common)
     results = train_linear_probe(train_x, train_y, test_x, test_y, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size)
     print(json.dumps({"checkpoint": str(checkpoint), **results}, indent=2))
     return 0

@@ -4,6 +4,11 @@ For each test image the k nearest train features (cosine similarity of L2-normal
 for their class with weight exp(similarity / T); top-1 / top-5 accuracy in percent (DINO: k = 20,
 T = 0.07, teacher backbone's final-norm cls token).
 
+Features (`eval.features`, `feature_extractor(model, kind)` -> `SSLModel.features`): "cls" the
+image-level token a loss trains (final-norm cls; SelfPatch's pooled token), "patch_mean" the mean of
+the final-norm patch tokens, "cls+patch_mean" both; "auto" = patch_mean for FLSL-only runs (no loss
+reaches their cls token), cls otherwise.
+
 Distributed: every rank extracts features of its shard (`build_eval_loader` shards index[r::W]); the
 shards are all-gathered (padded to the largest) and ordered by dataset index, so every rank holds the
 same memory bank and computes the same accuracy.
@@ -19,6 +24,7 @@ Decisions:
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from typing import Callable
 
@@ -100,6 +106,11 @@ def knn_accuracy(feature_fn: Callable, eval_cfg, device: torch.device, workers: 
     train_features, train_labels = extract_features(feature_fn, eval_cfg.train_path, max_samples=eval_cfg.max_train_samples, **common)
     test_features, test_labels = extract_features(feature_fn, eval_cfg.test_path, max_samples=eval_cfg.max_test_samples, **common)
     return knn_classify(train_features, train_labels, test_features, test_labels, k=eval_cfg.k, temperature=eval_cfg.temperature)
+
+
+def feature_extractor(model, kind: str = "auto") -> Callable:
+    """images -> `model.features(images, kind)`: the k-NN / linear-probe features of an `SSLModel`."""
+    return functools.partial(model.features, kind=kind)
 
 
 def raw_pixel_features(images: torch.Tensor) -> torch.Tensor:
