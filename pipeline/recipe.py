@@ -16,7 +16,13 @@ Decisions where the docs leave room (with reasons):
   `dataclasses.replace(recipe, swap=dataclasses.replace(recipe.swap, enabled=True))`.
 - FLSL: global crop 0 (teacher) has scale (0.8, 1.0) of the image; global crops 1.. take
   `nested_global_scale` (0.5, 1.0) and the locals their own scale, both *relative to global crop 0's
-  box* (the crop is the student's whole world), and no flip anywhere.
+  box* (the crop is the student's whole world), and no flip anywhere. Photometric augmentation as
+  released (`DataAugmentationFLSL`, QingSuML/FLSL): the same for every view, the teacher's included,
+  with a per-crop random choice between (blur p 0.5) and (blur p 0.1 + solarize p 0.2), each with
+  probability 0.5: `PhotometricSpec.alt_p` / `alt_blur_p` / `alt_solarize_p` (a crop draws the
+  alternative with probability `alt_p`). Per crop that is blur 0.3 and solarize 0.1, but blur *and*
+  solarize only 0.01 (independent draws of those marginals would give 0.03). Local crops take scale
+  (0.05, 0.4) of global crop 0's box as in the released README command (its argparse default is 0.1).
 - RegionCL: one swap per image on global crop `swap.view`, box sides drawn separately from
   [min_patches, max_patches] patches (6-10 of the 14x14 grid = the released 3-5 of 7 cells), partner
   "reverse" (image i with B-1-i, as released; the middle image of an odd batch pairs with itself) or
@@ -57,6 +63,17 @@ class PhotometricSpec:
     blur_sigma: tuple[float, float] = (0.1, 2.0)  # blur sigma uniform in this range (pixels of the view)
     solarize_p: tuple[float, ...] = (0.0,)  # solarization probability: one value, or one per view of this kind
     solarize_threshold: float = 128 / 255  # pixels >= threshold (in [0, 1]) are inverted
+    alt_p: float = 0.0  # per crop: probability of blurring/solarizing with the alt_* probabilities instead (FLSL: 0.5)
+    alt_blur_p: tuple[float, ...] = (0.0,)  # blur probability of the crops that drew the alternative
+    alt_solarize_p: tuple[float, ...] = (0.0,)  # solarization probability of the crops that drew the alternative
+
+    def may_blur(self) -> bool:
+        """Whether any crop of this kind can be blurred (a backend may skip the op otherwise)."""
+        return max(self.blur_p) > 0 or (self.alt_p > 0 and max(self.alt_blur_p) > 0)
+
+    def may_solarize(self) -> bool:
+        """Whether any crop of this kind can be solarized."""
+        return max(self.solarize_p) > 0 or (self.alt_p > 0 and max(self.alt_solarize_p) > 0)
 
 
 @dataclass
@@ -138,6 +155,12 @@ class ViewRecipe:
         )
 
 
+def flsl_augment() -> PhotometricSpec:
+    """FLSL's released `DataAugmentationFLSL`, for every view (the teacher's too): jitter 0.8, grayscale 0.2,
+    no flip, then `RandomSelect(GaussianBlur(p=0.5), [GaussianBlur(p=0.1), Solarization(p=0.2)], p=0.5)`."""
+    return PhotometricSpec(flip_p=0.0, blur_p=(0.5,), solarize_p=(0.0,), alt_p=0.5, alt_blur_p=(0.1,), alt_solarize_p=(0.2,))
+
+
 def recipe_preset(name: str) -> ViewRecipe:
     """The views of one method at ViT-/16 sizes (224 / 96 / 16), from METHODS.md."""
     dino = ViewRecipe()
@@ -152,8 +175,8 @@ def recipe_preset(name: str) -> ViewRecipe:
             dino,
             global_views=CropSpec(count=2, size=224, scale=(0.8, 1.0)),
             local_views=CropSpec(count=2, size=96, scale=(0.05, 0.4)),
-            global_augment=PhotometricSpec(flip_p=0.0, blur_p=(1.0, 0.1), solarize_p=(0.0, 0.2)),
-            local_augment=PhotometricSpec(flip_p=0.0),
+            global_augment=flsl_augment(),
+            local_augment=flsl_augment(),
             nested=True,
             nested_global_scale=(0.5, 1.0),
         ),
@@ -182,7 +205,9 @@ def _check_augment(name: str, spec: PhotometricSpec, count: int) -> None:
     for key in ("flip_p", "jitter_p", "grayscale_p"):
         if not 0.0 <= getattr(spec, key) <= 1.0:
             raise ValueError(f"{name}.{key}: must be a probability in [0, 1], got {getattr(spec, key)}")
-    for key in ("blur_p", "solarize_p"):
+    if not 0.0 <= spec.alt_p <= 1.0:
+        raise ValueError(f"{name}.alt_p: must be a probability in [0, 1], got {spec.alt_p}")
+    for key in ("blur_p", "solarize_p", "alt_blur_p", "alt_solarize_p"):
         values = tuple(getattr(spec, key))
         if len(values) not in (1, count) or not all(0.0 <= v <= 1.0 for v in values):
             raise ValueError(f"{name}.{key}: needs 1 or {count} probabilities in [0, 1], got {values!r}")

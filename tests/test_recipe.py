@@ -36,7 +36,40 @@ def test_method_presets():
     assert regioncl.swap == SwapSpec(enabled=True, min_patches=6, max_patches=10, partner="reverse", view=0)
     flsl = recipe_preset("flsl")
     assert flsl.nested and flsl.global_views.scale == (0.8, 1.0) and flsl.nested_global_scale == (0.5, 1.0)
-    assert flsl.local_views.count == 2 and flsl.global_augment.flip_p == 0.0 and flsl.local_augment.flip_p == 0.0
+    assert flsl.local_views.count == 2 and flsl.local_views.scale == (0.05, 0.4)
+    for augment in (flsl.global_augment, flsl.local_augment):  # released: the same for every view, no flip
+        assert (augment.flip_p, augment.jitter_p, augment.grayscale_p) == (0.0, 0.8, 0.2)
+        assert (augment.blur_p, augment.solarize_p) == ((0.5,), (0.0,))  # RandomSelect's first setting ...
+        assert (augment.alt_p, augment.alt_blur_p, augment.alt_solarize_p) == (0.5, (0.1,), (0.2,))  # ... or this one
+        assert augment.may_blur() and augment.may_solarize()
+    assert flsl.global_augment is not flsl.local_augment  # an override of one never changes the other
+    assert not recipe_preset("dino").local_augment.may_solarize() and recipe_preset("dino").global_augment.may_solarize()
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="the views engine does not read PhotometricSpec.alt_* yet (engine change in the H2 report); "
+                          "remove this mark when it lands")
+def test_flsl_views_draw_the_released_per_view_choice_of_blur_and_solarize():
+    """Through the views engine: each crop of every view (teacher's global 0, student's global 1, both locals)
+    is blurred with probability 0.5 x 0.5 + 0.5 x 0.1 = 0.3, solarized with 0.5 x 0.2 = 0.1, and both with
+    0.5 x 0.1 x 0.2 = 0.01 (independent draws of the same marginals would give 0.03). 20,000 crops per view:
+    5 standard deviations are at most 0.016 (blur) and 0.004 (both)."""
+    import torch
+
+    from pipeline.engine import ViewsEngine
+
+    recipe = recipe_preset("flsl").scaled(global_size=32, local_size=16, patch_size=8)
+    batch = 20_000
+    _, plans = ViewsEngine(recipe, "cpu")._draw(batch, torch.Generator().manual_seed(0))
+    for kind, count in (("global", recipe.global_views.count), ("local", recipe.local_views.count)):
+        blurred, solarized = torch.zeros(count * batch, dtype=torch.bool), torch.zeros(count * batch, dtype=torch.bool)
+        blurred[plans[kind].blur], solarized[plans[kind].solarize] = True, True  # crop n = view * batch + image
+        for view in range(count):
+            blur, solarize = blurred[view * batch:(view + 1) * batch], solarized[view * batch:(view + 1) * batch]
+            for name, observed, expected in (("blur", blur, 0.3), ("solarize", solarize, 0.1), ("both", blur & solarize, 0.01),
+                                             ("neither", ~blur & ~solarize, 0.61)):
+                tolerance = 5 * (expected * (1 - expected) / batch) ** 0.5
+                assert abs(observed.float().mean().item() - expected) < tolerance, (kind, view, name, observed.float().mean())
 
 
 def test_scaled_shrinks_sizes_and_swap_range():
@@ -80,6 +113,14 @@ def test_unknown_preset_names_the_choices():
             lambda r: dataclasses.replace(r, local_augment=dataclasses.replace(r.local_augment, hue=0.7)),
             "recipe.local_augment.hue",
         ),
+        (
+            lambda r: dataclasses.replace(r, local_augment=dataclasses.replace(r.local_augment, alt_p=1.5)),
+            "recipe.local_augment.alt_p",
+        ),
+        (
+            lambda r: dataclasses.replace(r, global_augment=dataclasses.replace(r.global_augment, alt_solarize_p=(0.1, 0.2, 0.3))),
+            "recipe.global_augment.alt_solarize_p",
+        ),
     ],
 )
 def test_invalid_recipe_fails_naming_the_field(change, field):
@@ -87,3 +128,14 @@ def test_invalid_recipe_fails_naming_the_field(change, field):
     with pytest.raises(ValueError) as error:
         recipe.validate()
     assert str(error.value).startswith(field + ":") or str(error.value).startswith(field + " "), str(error.value)
+
+
+def test_flsl_preset_config_carries_the_released_schedule_and_views():
+    from pathlib import Path
+
+    from train.config import load_config
+
+    config = load_config(Path(__file__).resolve().parent.parent / "configs" / "flsl_vit_s16.yaml")
+    assert config.methods.enabled() == ["flsl"] and config.schedule.epochs == 300
+    assert config.optim.warmup_epochs == 30  # released: int(0.1 x 300)
+    assert config.recipe == recipe_preset("flsl") and config.eval.features == "auto"
