@@ -55,3 +55,32 @@ def make_image_folder(
             paths.append(write_jpeg(path, smooth_image(index, height, width), quality=quality))
             index += 1
     return sorted(paths)
+
+
+def corrupt_beton_records(path: Path, indices, at: float = 0.6, length: int = 8) -> None:
+    """Overwrite `length` bytes at fraction `at` of each record's JPEG bytes, in place, after the file was
+    written (its stored crc32 no longer matches). Zero bytes mid-stream: libjpeg-turbo (DALI's CPU
+    decoder, torchvision, PIL) decodes such a record into wrong pixels without an error."""
+    from preprocess.beton import open_beton
+
+    dataset = open_beton(path)
+    data = Path(path).read_bytes()
+    offsets = []
+    for i in indices:
+        record = dataset.jpeg_bytes(i).tobytes()
+        start = data.find(record)
+        assert start >= 0 and data.find(record, start + 1) < 0, f"record {i} is not unique in {path}"
+        offsets.append(start + int(len(record) * at))
+    with open(path, "r+b") as handle:
+        for offset in offsets:
+            handle.seek(offset)
+            handle.write(b"\0" * length)
+
+
+def photo_like_image(index: int, height: int, width: int, seed: int = 0) -> np.ndarray:
+    """[H, W, 3] uint8 with photo-like detail (smooth colour + texture), so JPEG sizes are realistic."""
+    rng = np.random.default_rng([seed, index])
+    rows, cols = np.mgrid[0:height, 0:width].astype(np.float32)
+    waves = np.sin(cols / (7 + index % 5) + rows / 11.0) * np.cos(rows / (5 + index % 3))
+    base = smooth_image(index, height, width).astype(np.float32) + 40 * waves[..., None]
+    return np.clip(base + rng.normal(0, 12, (height, width, 3)), 0, 255).astype(np.uint8)

@@ -1,4 +1,5 @@
-"""Stage-1 backends: decoded canvases match PIL, extents follow the size rule, bad records are counted.
+"""Stage-1 backends: decoded canvases match PIL, extents follow the size rule (rounding included), the
+batched CUDA canvas path matches the per-image one, bad records are dropped with their reason.
 
 Tiny real JPEGs from `imagefactory` (colour encodes the index); `.beton` files from the preprocess
 package's `build_ffcv`. DALI pipelines and FFCV loaders are slow to build: one per module (fixtures).
@@ -16,7 +17,7 @@ from PIL import Image
 
 import imagefactory
 from pipeline.backends.canvas import canvas_extent, decoded_batch
-from pipeline.backends.source import open_source
+from pipeline.backends.source import RecordVerifier, open_source
 
 CPU = torch.device("cpu")
 NUM_IMAGES = 12  # 3 classes x 4; sizes cycle (48, 64), (64, 48), (56, 56)
@@ -82,6 +83,84 @@ def test_canvas_extent_shrinks_long_side_only():
     assert canvas_extent(1000, 3, 100) == (100, 1)  # never below one pixel
 
 
+@pytest.mark.parametrize("height, width, size, expected", [
+    (333, 500, 256, (170, 256)),  # 170.496: down
+    (500, 333, 256, (256, 170)),
+    (375, 700, 512, (274, 512)),  # 274.29
+    (400, 700, 512, (293, 512)),  # 292.57: up
+    (5, 8, 4, (3, 4)),  # 2.5: a half rounds up (Python's round() would give 2)
+    (7, 4, 2, (2, 1)),  # 1.14 and 0.57 -> 2 and 1
+    (3, 1000, 10, (1, 10)),  # 0.03 -> 0 -> at least one pixel
+])
+def test_canvas_extent_rounds_halves_up(height, width, size, expected):
+    assert canvas_extent(height, width, size) == expected
+
+
+def random_images(sizes, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=generator) for h, w in sizes]
+
+
+def float_shrink(image, height, width):
+    """The reference for one image: torch's antialiased bilinear in float, rounded (the former CUDA path)."""
+    import torch.nn.functional as F
+
+    shrunk = F.interpolate(image[None].float(), size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+    return shrunk[0].round().clamp(0, 255).to(torch.uint8)
+
+
+@pytest.mark.parametrize("dtype, fraction", [(torch.float32, 0.002), (torch.float16, 0.05)])
+def test_batched_canvas_matches_the_per_image_resize(dtype, fraction):
+    """The CUDA canvas path (two batched matmuls, run here on the CPU) against torch's per-image
+    antialiased resize: same extents, every pixel within one grey level (a level only where the
+    per-image float result sits at a .5 boundary), zero padding; fp16 is what CUDA uses."""
+    from pipeline.backends.canvas import batched_canvas
+
+    size = 29
+    sizes = [(37, 53), (50, 21), (29, 29), (57, 7), (12, 20), (45, 58)]  # shrinks of 1.3-2x (all <= 2 S), two none
+    images = random_images(sizes)
+    targets = [canvas_extent(h, w, size) for h, w in sizes]
+    canvas = batched_canvas(images, targets, size, dtype)
+    assert canvas.shape == (len(sizes), size, size, 3) and canvas.dtype == torch.uint8
+    mismatched = 0
+    for i, (image, (height, width)) in enumerate(zip(images, targets)):
+        expected = float_shrink(image, height, width) if (height, width) != tuple(image.shape[1:]) else image
+        difference = (canvas[i, :height, :width].permute(2, 0, 1).int() - expected.int()).abs()
+        assert difference.max() <= 1, (sizes[i], difference.max())
+        mismatched += int((difference > 0).sum())
+        assert canvas[i, height:].sum() == 0 and canvas[i, :, width:].sum() == 0
+    assert mismatched <= fraction * sum(3 * h * w for h, w in targets)
+    assert torch.equal(canvas[2], images[2].permute(1, 2, 0))  # no shrink: copied exactly
+
+
+def test_batched_canvas_shrinks_very_large_images_first():
+    """An image with a long side over 2 S is shrunk alone before the batched step (bounded padding)."""
+    from pipeline.backends.canvas import batched_canvas
+
+    images = random_images([(90, 40), (20, 12)], seed=3)
+    targets = [canvas_extent(90, 40, 16), canvas_extent(20, 12, 16)]
+    canvas = batched_canvas(images, targets, 16, torch.float32)
+    assert targets == [(16, 7), (16, 10)]
+    first = (canvas[0, :16, :7].permute(2, 0, 1).int() - float_shrink(images[0], 16, 7).int()).abs()
+    assert first.max() <= 1 and canvas[0, :, 7:].sum() == 0
+
+
+def test_resize_weights_are_torch_antialias_weights():
+    """Each row sums to 1 inside the target and is zero past it; at scale 1 it is the identity."""
+    from pipeline.backends.canvas import resize_weights
+
+    weights = resize_weights(torch.tensor([10.0, 6.0]), torch.tensor([4.0, 6.0]), 10, 7, taps=6)  # [2, 7, 10]
+    torch.testing.assert_close(weights[0, :4].sum(-1), torch.ones(4))
+    assert weights[0, 4:].abs().sum() == 0
+    torch.testing.assert_close(weights[1, :6, :6], torch.eye(6), rtol=0, atol=0)
+    # scale 2.5: output 0 centred at 1.25 reads pixels 0..3 with triangle weights 1 - |j + 0.5 - 1.25| / 2.5
+    expected = torch.tensor([0.7, 0.9, 0.5, 0.1, 0.0])
+    torch.testing.assert_close(weights[0, 0, :5], expected / expected.sum())
+    # output 2 centred at 6.25 reads pixels 4..8
+    expected = torch.tensor([0.0, 0.3, 0.7, 0.9, 0.5, 0.1])
+    torch.testing.assert_close(weights[0, 2, 3:9], expected / expected.sum())
+
+
 def test_missing_path_and_empty_dataset_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         open_source(tmp_path / "nope.beton")
@@ -107,7 +186,7 @@ def test_dali_canvas_matches_pil(dali_decoder, folder):
     batches = [np.array([3, 0, 7, 11]), np.array([5, 1])]
     results = list(dali_decoder.decode_batches(batches))
     for (batch, skipped), indices in zip(results, batches):
-        assert skipped == 0 and batch.index.tolist() == indices.tolist()
+        assert skipped == [] and batch.index.tolist() == indices.tolist()
         assert batch.canvas.shape == (len(indices), 64, 64, 3) and batch.canvas.dtype == torch.uint8
         check_against_pil(batch, dali_decoder.source, tolerance_mean=1.0, tolerance_max=8)
 
@@ -116,7 +195,7 @@ def test_torch_canvas_matches_pil(beton):
     source = open_source(beton)
     indices = np.arange(NUM_IMAGES)
     batch, skipped = decoded_batch([source.encoded(i) for i in indices], indices, source.labels[indices], 64, CPU)
-    assert skipped == 0 and batch.index.tolist() == list(range(NUM_IMAGES))
+    assert skipped == [] and batch.index.tolist() == list(range(NUM_IMAGES))
     check_against_pil(batch, source, tolerance_mean=1.0, tolerance_max=8)
 
 
@@ -146,7 +225,7 @@ def test_ffcv_canvas_matches_pil_and_follows_the_plan(beton):
         results = list(decoder.decode_batches(plan))
         assert [b.index.tolist() for b, _ in results] == [p.tolist() for p in plan]
         for batch, skipped in results:
-            assert skipped == 0
+            assert skipped == []
             check_against_pil(batch, source, tolerance_mean=1.0, tolerance_max=8)
 
 
@@ -164,10 +243,13 @@ def test_dali_skips_and_counts_broken_files(broken_folder):
     assert len(source) == NUM_IMAGES + 2
     decoder = DaliCanvasDecoder(source, batch_size=8, canvas_size=64, threads=1, device=CPU)
     batch, skipped = decoder.decode(np.array([0, 12, 4, 13, 9]))  # 12: garbage header, 13: truncated
-    assert skipped == 2 and batch.index.tolist() == [0, 4, 9]
+    assert batch.index.tolist() == [0, 4, 9]
+    reasons = dict(skipped)
+    assert sorted(reasons) == [12, 13] and reasons[12] == "not a readable image header"
+    assert reasons[13] and "\n" not in reasons[13]  # PIL's header check or DALI's decoder, one line
     check_against_pil(batch, source, tolerance_mean=1.0, tolerance_max=8)
     batch, skipped = decoder.decode(np.array([1, 2]))  # the pipeline still works afterwards
-    assert skipped == 0 and batch.index.tolist() == [1, 2]
+    assert skipped == [] and batch.index.tolist() == [1, 2]
 
 
 def test_corrupt_beton_record_is_counted_by_dali_and_torch(broken_beton):
@@ -175,10 +257,17 @@ def test_corrupt_beton_record_is_counted_by_dali_and_torch(broken_beton):
 
     source = open_source(broken_beton)
     indices = np.array([4, 5, 6])
-    dali_batch, dali_skipped = DaliCanvasDecoder(source, 4, 64, 1, CPU).decode(indices)  # fails inside DALI
-    torch_batch, torch_skipped = decoded_batch([source.encoded(i) for i in indices], indices, source.labels[indices], 64, CPU)
-    assert dali_skipped == torch_skipped == 1
+    dali_batch, dali_skipped = DaliCanvasDecoder(source, 4, 64, 1, CPU, verify_crc=False).decode(indices)  # fails inside DALI
+    encoded = [source.encoded(i) for i in indices]
+    torch_batch, torch_skipped = decoded_batch(encoded, indices, source.labels[indices], 64, CPU)
+    assert [i for i, _ in dali_skipped] == [i for i, _ in torch_skipped] == [5]
+    assert dali_skipped[0][1].startswith("DALI cannot decode it") and torch_skipped[0][1].startswith("does not decode")
     assert dali_batch.index.tolist() == torch_batch.index.tolist() == [4, 6]
+    # with the stored crc32 checked first, both name the same reason
+    dali_batch, dali_skipped = DaliCanvasDecoder(source, 4, 64, 1, CPU).decode(indices)
+    reasons = RecordVerifier(source, enabled=True).reasons(indices, encoded)
+    torch_batch, torch_skipped = decoded_batch(encoded, indices, source.labels[indices], 64, CPU, reasons)
+    assert dali_skipped == torch_skipped == [(5, reasons[1])] and reasons[0] is None and "crc32" in reasons[1]
 
 
 def test_dali_and_torch_decode_agree(dali_decoder, folder):
@@ -199,7 +288,7 @@ def test_reference_views_follow_the_recipe(beton):
     maker = ReferenceBatchMaker(open_source(beton), recipe)
     views, skipped = maker.make(np.array([3, 8, 1, 10]), seed=7)
     views.validate()
-    assert skipped == 0 and views.index.tolist() == [3, 8, 1, 10]
+    assert skipped == [] and views.index.tolist() == [3, 8, 1, 10]
     assert views.global_crops.shape == (2, 4, 3, 32, 32) and views.local_crops.shape == (10, 4, 3, 16, 16)
     assert views.query_crops.shape == (4, 10, 3, 8, 8)
     for boxes in (views.global_boxes, views.local_boxes, views.query_boxes):

@@ -1,21 +1,35 @@
 """Stage 1 backends: index batches -> decoded images on the device (or, for the reference, `Views`).
 
 Every decode backend has one method, `decode_batches(batches: list[np.ndarray]) -> iterator of
-(DecodedBatch, skipped)`, one item per index array, in order; `skipped` counts the records of that batch
-that did not decode (dropped from it). The reference has `views_batches(batches, seeds) -> iterator of
-(Views | None, skipped)` on the CPU.
+(DecodedBatch, skipped)`, one item per index array, in order; `skipped` lists the (index, reason) of the
+records of that batch that were dropped (failed crc32 or decode). The reference has
+`views_batches(batches, seeds) -> iterator of (Views | None, skipped)` on the CPU.
 
 - `dali.DaliCanvasDecoder`: DALI graph (mixed decode on a GPU, CPU decoder without one).
 - `ffcv.FfcvCanvasDecoder`: FFCV Loader reads the bytes, torchvision decodes the batch (cuda or cpu).
 - `reference.ReferenceViews`: PIL/torchvision, DINO's per-image transforms + queries + swaps.
 - `dali_ops.DaliOpsViews`: the op-per-view DALI graph, a benchmark baseline only.
+Only `dali` and `dali_ops` import `nvidia.dali` (inside their functions), so the ffcv and reference
+backends, the views engine and `pipeline.bench` run where DALI is not installed.
 
-`prefetched(iterator, depth, device)` runs a stage-1 iterator in a background thread, `depth` items
-ahead; on CUDA the thread works on its own stream and each item carries an event the consumer waits on
-(so decode overlaps the views engine without a host sync).
+`prefetched(iterator, depth, device, name)` runs an iterator in a background thread, `depth` items
+ahead. The loader chains two of them (decode, then the views engine; `pipeline.loader`). Decisions:
+- CUDA: the thread runs the iterator under its own stream, and each item is handed over with an event
+  recorded on that stream once the item's work is launched; the consumer's current stream waits on it
+  (`wait_event`: on the device, no host sync) and every CUDA tensor in the item (tuples, lists and
+  dataclasses are walked, so DecodedBatch, Views and RegionSwap are covered) is `record_stream`-ed
+  for the consumer's stream, so the caching allocator does not hand its memory to the producer's next
+  item before the consumer's work on it has run.
+- Errors raised in the thread (in the iterator) are re-raised in the consumer, with their type and
+  message, at the position of the item that failed.
+- Shutdown: closing the consumer generator (a `break`, an exception in the loop body, a resume that
+  abandons the iterator, garbage collection) sets a stop flag and joins the thread; the thread checks
+  the flag at least every 0.1 s while it waits to hand over an item, and closes its iterator (so a
+  chained inner stage is closed and joined by the thread that consumed it). No thread outlives it.
 """
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 from contextlib import nullcontext
@@ -30,16 +44,17 @@ def build_stage_one(data, recipe, source, device: torch.device, *, max_samples: 
     if data.backend == "dali":
         from pipeline.backends.dali import DaliCanvasDecoder
 
-        return DaliCanvasDecoder(source, data.batch_size, data.canvas_size, data.workers, device)
+        return DaliCanvasDecoder(source, data.batch_size, data.canvas_size, data.workers, device,
+                                 verify_crc=data.verify_crc)
     if data.backend == "ffcv":
         from pipeline.backends.ffcv import FfcvCanvasDecoder
 
         return FfcvCanvasDecoder(source, data.batch_size, data.canvas_size, data.workers, device,
-                                 max_samples=max_samples, drop_last=True)
+                                 max_samples=max_samples, drop_last=True, verify_crc=data.verify_crc)
     if data.backend == "reference":
         from pipeline.backends.reference import ReferenceViews
 
-        return ReferenceViews(source, recipe, workers=data.workers, dtype=data.dtype)
+        return ReferenceViews(source, recipe, workers=data.workers, dtype=data.dtype, verify_crc=data.verify_crc)
     raise ValueError(f"data.backend: unknown backend {data.backend!r}")
 
 
@@ -48,7 +63,7 @@ class _Failure:
         self.error = error
 
 
-def prefetched(iterator, depth: int, device: torch.device):
+def prefetched(iterator, depth: int, device: torch.device, name: str = "prefetch"):
     """Yield the items of `iterator`, produced `depth` ahead by a background thread (0: inline)."""
     if depth <= 0:
         yield from iterator
@@ -84,7 +99,7 @@ def prefetched(iterator, depth: int, device: torch.device):
             if hasattr(iterator, "close"):
                 iterator.close()
 
-    thread = threading.Thread(target=work, name="stage-one", daemon=True)
+    thread = threading.Thread(target=work, name=name, daemon=True)
     thread.start()
     try:
         while True:
@@ -94,18 +109,23 @@ def prefetched(iterator, depth: int, device: torch.device):
             if isinstance(item, _Failure):
                 raise item.error
             if event is not None:
-                torch.cuda.current_stream(device).wait_event(event)
-                _record_stream(item, torch.cuda.current_stream(device))
+                consumer = torch.cuda.current_stream(device)
+                consumer.wait_event(event)  # on the device: the consumer's later work waits, the host does not
+                record_stream(item, consumer)
             yield item
     finally:
         stop.set()
         thread.join()
 
 
-def _record_stream(item, stream) -> None:
-    """Tell the caching allocator the consumer's stream uses the tensors made on the side stream."""
-    batch = item[0]
-    for name in ("canvas", "extent", "index", "label"):
-        tensor = getattr(batch, name, None)
-        if tensor is not None and tensor.is_cuda:
-            tensor.record_stream(stream)
+def record_stream(item, stream) -> None:
+    """Tell the caching allocator that `stream` uses every CUDA tensor in `item` (made on another stream)."""
+    if isinstance(item, torch.Tensor):
+        if item.is_cuda:
+            item.record_stream(stream)
+    elif isinstance(item, (tuple, list)):
+        for part in item:
+            record_stream(part, stream)
+    elif dataclasses.is_dataclass(item) and not isinstance(item, type):
+        for field in dataclasses.fields(item):
+            record_stream(getattr(item, field.name), stream)

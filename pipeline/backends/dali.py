@@ -16,16 +16,23 @@ Decisions:
   host from the `.beton`'s stored heights/widths or, for folders, from the image header (PIL reads the
   header only). `adjust_orientation=False` so the decoded size is the header's (torchvision and PIL
   do not apply EXIF orientation either).
-- Bad records: a header PIL cannot parse is skipped before DALI sees it. A record that fails inside
-  the decoder invalidates the DALI pipeline ("Current pipeline object is no longer valid"), so the
-  pipeline is rebuilt (a few ms on CPU) and that batch is decoded record by record to find the bad
-  ones; they are dropped and counted, and the batch shrinks by that many (never padded with other
+- Bad records: a `.beton` record whose crc32 does not match (`source.RecordVerifier`, in this reading
+  thread, before DALI sees the bytes) or a header PIL cannot parse is skipped first. This matters:
+  DALI's CPU decoder (libjpeg-turbo) decodes mid-stream damage into garbage pixels with only a libjpeg
+  warning ("Corrupt JPEG data: premature end of data segment"), so with `verify_crc` off such a record
+  reaches the views (tests/test_pipeline_crc.py shows it). A record that fails inside the decoder
+  invalidates the DALI pipeline ("Current pipeline object is no longer valid"), so the pipeline is
+  rebuilt (a few ms on CPU) and that batch is decoded record by record to find the bad ones; they are
+  dropped and returned as (index, reason), and the batch shrinks by that many (never padded with other
   samples, which would break the order and the shards).
+- Hand-over to torch (GPU): `feed_ndarray` copies DALI's output buffer into a torch tensor on the
+  current (side) stream, asynchronously, and the next `run()` may overwrite that buffer: the reading
+  thread therefore synchronizes that stream right after the copy (a host wait in the reading thread,
+  never in the training thread), so the buffer is free before DALI is run again.
 """
 from __future__ import annotations
 
 import io
-import logging
 
 import numpy as np
 import torch
@@ -33,10 +40,8 @@ from PIL import Image
 
 from pipeline.backends.canvas import canvas_extent
 from pipeline.backends.profile import timed
-from pipeline.backends.source import ImageSource
+from pipeline.backends.source import ImageSource, RecordVerifier
 from pipeline.views import DecodedBatch
-
-logger = logging.getLogger(__name__)
 
 
 def _build_pipeline(batch_size: int, canvas_size: int, threads: int, device: torch.device):
@@ -67,30 +72,42 @@ def _build_pipeline(batch_size: int, canvas_size: int, threads: int, device: tor
 
 
 class DaliCanvasDecoder:
-    """`decode_batches(batches)` yields (DecodedBatch, skipped) for each index array, in order."""
+    """`decode_batches(batches)` yields (DecodedBatch, [(index, reason)] skipped) per index array, in order."""
 
-    def __init__(self, source: ImageSource, batch_size: int, canvas_size: int, threads: int, device: torch.device):
+    def __init__(self, source: ImageSource, batch_size: int, canvas_size: int, threads: int, device: torch.device,
+                 verify_crc: bool = True):
         self.source = source
         self.batch_size = batch_size
         self.canvas_size = canvas_size
         self.threads = threads
         self.device = torch.device(device)
-        self.timings: dict[str, float] | None = None  # bench --profile fills "read" / "decode"
+        self.verifier = RecordVerifier(source, verify_crc, threads)
+        self.timings: dict[str, float] | None = None  # bench --profile fills "read" / "verify" / "decode"
         self.pipe = _build_pipeline(batch_size, canvas_size, threads, self.device)
 
     def decode_batches(self, batches):
         for indices in batches:
             yield self.decode(np.asarray(indices, dtype=np.int64))
 
-    def decode(self, indices: np.ndarray) -> tuple[DecodedBatch, int]:
+    def decode(self, indices: np.ndarray) -> tuple[DecodedBatch, list[tuple[int, str]]]:
         with timed(self.timings, "read"):
-            encoded, sizes, keep = self._read(indices)
-        skipped = len(indices) - len(keep)
+            encoded = [self.source.encoded(int(index)) for index in indices]
+        with timed(self.timings, "verify"):
+            reasons = self.verifier.reasons(indices, encoded)
+        sizes, skipped, keep = [], [], []
+        for position, (index, data, reason) in enumerate(zip(indices, encoded, reasons)):
+            height_width = self._header_size(int(index), data) if reason is None else None
+            if height_width is None:
+                skipped.append((int(index), reason or "not a readable image header"))
+                continue
+            sizes.append(np.array(canvas_extent(*height_width, self.canvas_size), dtype=np.float32))
+            keep.append(position)
         with timed(self.timings, "decode"):
-            canvas, good = self._run_checked(encoded, sizes)
-        skipped += len(encoded) - len(good)
-        keep = [keep[i] for i in good]
-        extent = torch.tensor([[int(s) for s in sizes[i]] for i in good], dtype=torch.int64).reshape(-1, 2)
+            canvas, failures = self._run_checked([encoded[k] for k in keep], sizes)
+        skipped += [(int(indices[keep[k]]), reason) for k, reason in failures.items()]
+        good = [k for k in range(len(keep)) if k not in failures]
+        keep = [keep[k] for k in good]
+        extent = torch.tensor([[int(s) for s in sizes[k]] for k in good], dtype=torch.int64).reshape(-1, 2)
         batch = DecodedBatch(
             canvas=canvas,
             extent=extent.to(self.device),
@@ -98,20 +115,6 @@ class DaliCanvasDecoder:
             label=torch.as_tensor(self.source.labels[indices[keep]], dtype=torch.int64).to(self.device),
         )
         return batch, skipped
-
-    def _read(self, indices: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray], list[int]]:
-        """Encoded bytes and target sizes of the records whose header parses; `keep` = their positions."""
-        encoded, sizes, keep = [], [], []
-        for position, index in enumerate(indices):
-            data = self.source.encoded(int(index))
-            height_width = self._header_size(int(index), data)
-            if height_width is None:
-                logger.warning("skipping record %d of %s: not a readable image header", index, self.source.path)
-                continue
-            encoded.append(data)
-            sizes.append(np.array(canvas_extent(*height_width, self.canvas_size), dtype=np.float32))
-            keep.append(position)
-        return encoded, sizes, keep
 
     def _header_size(self, index: int, data: np.ndarray) -> tuple[int, int] | None:
         if len(data) < 4:
@@ -124,25 +127,26 @@ class DaliCanvasDecoder:
         except Exception:  # PIL raises several types for a bad header
             return None
 
-    def _run_checked(self, encoded: list[np.ndarray], sizes: list[np.ndarray]) -> tuple[torch.Tensor, list[int]]:
-        """Run the batch; when DALI fails, rebuild and find the bad records one by one."""
+    def _run_checked(self, encoded: list[np.ndarray], sizes: list[np.ndarray]) -> tuple[torch.Tensor, dict[int, str]]:
+        """Run the batch -> (canvas of the good records, {position: reason} of the bad ones); when DALI
+        fails, rebuild the pipeline and find the bad records one by one."""
         if not encoded:
-            return torch.zeros(0, self.canvas_size, self.canvas_size, 3, dtype=torch.uint8, device=self.device), []
+            return torch.zeros(0, self.canvas_size, self.canvas_size, 3, dtype=torch.uint8, device=self.device), {}
         try:
-            return self._run(encoded, sizes), list(range(len(encoded)))
+            return self._run(encoded, sizes), {}
         except RuntimeError:
             self.pipe = _build_pipeline(self.batch_size, self.canvas_size, self.threads, self.device)
-        good = []
-        for i in range(len(encoded)):
+        failures = {}
+        for k in range(len(encoded)):
             try:
-                self._run([encoded[i]], [sizes[i]])
-                good.append(i)
-            except RuntimeError:
-                logger.warning("skipping a record DALI cannot decode (%d bytes) in %s", len(encoded[i]), self.source.path)
+                self._run([encoded[k]], [sizes[k]])
+            except RuntimeError as error:
+                failures[k] = f"DALI cannot decode it ({len(encoded[k])} bytes): {_first_line(error)}"
                 self.pipe = _build_pipeline(self.batch_size, self.canvas_size, self.threads, self.device)
+        good = [k for k in range(len(encoded)) if k not in failures]
         if not good:
-            return self._run_checked([], [])[0], []
-        return self._run([encoded[i] for i in good], [sizes[i] for i in good]), good
+            return self._run_checked([], [])[0], failures
+        return self._run([encoded[k] for k in good], [sizes[k] for k in good]), failures
 
     def _run(self, encoded: list[np.ndarray], sizes: list[np.ndarray]) -> torch.Tensor:
         self.pipe.feed_input("encoded", encoded)
@@ -151,13 +155,23 @@ class DaliCanvasDecoder:
         return dali_to_torch(output, self.device)
 
 
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    useful = [line for line in lines if "Error" in line or "error" in line] or lines or [type(error).__name__]
+    return useful[0][:160]
+
+
 def dali_to_torch(output, device: torch.device) -> torch.Tensor:
     """A dense DALI TensorList -> a torch tensor on `device` (a copy: DALI reuses its buffers)."""
     dense = output.as_tensor()
     if device.type == "cuda":
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
+        stream = torch.cuda.current_stream(device)
         result = torch.empty(dense.shape(), dtype=torch.uint8, device=device)
-        feed_ndarray(dense, result, cuda_stream=torch.cuda.current_stream(device))
+        feed_ndarray(dense, result, cuda_stream=stream)
+        # host wait, in the reading thread only: the copy out of DALI's buffer must be done before the
+        # next run() can overwrite that buffer
+        stream.synchronize()
         return result
     return torch.from_numpy(np.array(dense))

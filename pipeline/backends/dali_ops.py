@@ -95,7 +95,7 @@ def _build_pipeline(recipe: ViewRecipe, batch_size: int, threads: int, device: t
 
 
 class DaliOpsViews:
-    """`views_batches(batches, seeds)` yields (Views on the device, 0) per index array (bench baseline)."""
+    """`views_batches(batches, seeds)` yields (Views on the device, [] skipped) per index array (bench baseline)."""
 
     def __init__(self, source, recipe: ViewRecipe, batch_size: int, threads: int, device, dtype: str = "bfloat16", seed: int = 0):
         self.source, self.recipe = source, recipe
@@ -124,4 +124,4 @@ class DaliOpsViews:
                 query_boxes=zeros(batch, counts[2], 4),
                 index=torch.as_tensor(indices, device=self.device),
                 label=torch.as_tensor(self.source.labels[indices], dtype=torch.int64, device=self.device),
-            ), 0
+            ), []

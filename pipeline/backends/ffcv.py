@@ -21,8 +21,13 @@ Decisions:
   a later plan short.
 - Labels and indices come from the plan and the `.beton`'s label column (already in memory), so only
   `image` and `nbytes` go through FFCV.
-- Corrupt records: `canvas.decode_encoded` drops what does not decode; the batch shrinks and the
-  count is returned with it.
+- Corrupt records: each trimmed record's crc32 is checked against the `.beton`'s (`RecordVerifier`,
+  in this reading thread, spread over `threads` pool threads) before the decoder sees it, then
+  `canvas.decoded_batch` drops what does not decode; the batch shrinks and the dropped
+  (index, reason) pairs are returned with it. The crc32 column itself is not read through FFCV: the
+  loader already holds it in memory (`BetonSource.crc32`).
+- Canvas: on CUDA one batched resize-and-pad for the whole batch (`canvas.batched_canvas`), no
+  per-image kernels.
 """
 from __future__ import annotations
 
@@ -33,7 +38,7 @@ import torch
 
 from pipeline.backends.canvas import decoded_batch
 from pipeline.backends.profile import timed
-from pipeline.backends.source import ImageSource
+from pipeline.backends.source import ImageSource, RecordVerifier
 
 logger = logging.getLogger(__name__)
 
@@ -58,11 +63,11 @@ def _planned_order_class():
 
 
 class FfcvCanvasDecoder:
-    """`decode_batches(batches)` yields (DecodedBatch, skipped) for each index array, in order."""
+    """`decode_batches(batches)` yields (DecodedBatch, [(index, reason)] skipped) per index array, in order."""
 
     def __init__(
         self, source: ImageSource, batch_size: int, canvas_size: int, threads: int, device: torch.device,
-        max_samples: int, drop_last: bool = True,
+        max_samples: int, drop_last: bool = True, verify_crc: bool = True,
     ):
         if source.kind != "beton":
             raise ValueError(f"data.backend: 'ffcv' reads .beton files only, got a {source.kind} ({source.path}); "
@@ -75,7 +80,8 @@ class FfcvCanvasDecoder:
         self.batch_size = batch_size
         self.canvas_size = canvas_size
         self.device = torch.device(device)
-        self.timings: dict[str, float] | None = None  # bench --profile fills "read" / "decode"
+        self.verifier = RecordVerifier(source, verify_crc, threads)
+        self.timings: dict[str, float] | None = None  # bench --profile fills "read" / "verify" / "decode"
         self.order = _planned_order_class()(np.arange(max_samples, dtype=np.uint64))
         self.loader = Loader(
             str(source.path),
@@ -100,8 +106,11 @@ class FfcvCanvasDecoder:
                 with timed(self.timings, "read"):
                     images, nbytes = next(epoch_iterator)
                     encoded = [np.array(images[i, : int(nbytes[i, 0])]) for i in range(len(indices))]  # copy: FFCV reuses rows
+                with timed(self.timings, "verify"):
+                    reasons = self.verifier.reasons(indices, encoded)
                 with timed(self.timings, "decode", self.device):
-                    result = decoded_batch(encoded, indices, self.source.labels[indices], self.canvas_size, self.device)
+                    result = decoded_batch(encoded, indices, self.source.labels[indices], self.canvas_size, self.device,
+                                           reasons)
                 yield result
         finally:
             epoch_iterator.close()

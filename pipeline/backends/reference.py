@@ -4,8 +4,8 @@ The correctness yardstick and the benchmark baseline (`pipeline.bench --vs refer
 the way DINO's `DataAugmentationDINO` works: each image is decoded with PIL at full resolution and
 every crop is cut from it with torchvision (`RandomResizedCrop` bicubic, `RandomHorizontalFlip`,
 `RandomApply(ColorJitter)`, `RandomGrayscale`, PIL `GaussianBlur(radius ~ U(sigma))` with per-view
-probability, `ImageOps.solarize`), then `ToTensor` + `Normalize`, in a multi-worker torch DataLoader
-(one batch per worker task, as DINO's DataLoader does). All parameters come from the `ViewRecipe`.
+probability, `ImageOps.solarize`), then `ToTensor` + `Normalize`, in a multi-worker torch DataLoader.
+All parameters come from the `ViewRecipe`.
 
 Decisions:
 - Boxes are the actual crop parameters: `RandomResizedCrop.get_params` is called here and the box
@@ -17,16 +17,24 @@ Decisions:
 - RegionCL swaps are made per batch after the per-image views, from the normalized global crop
   `swap.view`: box sides uniform in [min_patches, max_patches] patches (width and height separately),
   top-left uniform on the patch grid, partner by `swap.partner`.
-- Randomness: each batch gets a seed from the loader (seed, epoch, rank, position); the worker seeds
-  torch's and Python's global RNGs with it for that batch only (state saved and restored), so a batch
-  is the same whichever worker makes it and after a resume. The numbers drawn are *not* the views
-  engine's (different samplers): the reference matches the engine in distribution, not pixel by pixel.
-- A record PIL cannot decode is dropped from its batch and counted.
+- Work split (issue 12): every batch is cut into one chunk per worker (contiguous slices of the
+  index array), each chunk one DataLoader task, and the consumer joins the chunks of a batch in order.
+  So all workers work on every batch, even when an epoch is one batch (DINO's DataLoader gives a whole
+  batch to one worker: a 256-image epoch then ran on one of 16 workers). Prefetch: 2 tasks per
+  worker, i.e. about 2 batches ahead (`batches_ahead`).
+- Randomness: each batch gets a seed from the loader (seed, epoch, rank, position); each image's
+  transforms run with torch's and Python's global RNGs seeded from (that seed, its position in the
+  batch) (state saved and restored), and the swaps from the batch seed, in the consumer. So a batch is
+  the same whichever worker makes which chunk, however many workers there are, and after a resume.
+  The numbers drawn are *not* the views engine's (different samplers): the reference matches the
+  engine in distribution, not pixel by pixel.
+- Corrupt records: a `.beton` record whose crc32 does not match (`source.corrupt_reason`, under
+  `verify_crc`, checked in the worker before PIL sees the bytes) or that PIL cannot decode is dropped
+  from its batch and returned as (index, reason).
 """
 from __future__ import annotations
 
 import io
-import logging
 import random
 
 import numpy as np
@@ -39,69 +47,119 @@ from torchvision.transforms import functional as TF
 from pipeline.recipe import PhotometricSpec, ViewRecipe
 from pipeline.views import RegionSwap, Views
 
-logger = logging.getLogger(__name__)
-
 
 class ReferenceViews:
-    """`views_batches(batches, seeds)` yields (Views on the CPU | None, skipped) per index array."""
+    """`views_batches(batches, seeds)` yields (Views on the CPU | None, [(index, reason)] skipped) per index array."""
 
-    def __init__(self, source, recipe: ViewRecipe, workers: int, dtype: str = "float32"):
-        self.maker = ReferenceBatchMaker(source, recipe, dtype)
+    def __init__(self, source, recipe: ViewRecipe, workers: int, dtype: str = "float32", verify_crc: bool = True):
+        self.maker = ReferenceBatchMaker(source, recipe, dtype, verify_crc)
         self.workers = workers
+        self.chunks_per_batch = max(1, workers)
+        self.batch_workers: set[int] = set()  # DataLoader worker ids (-1: in-process) that made the last batch
+
+    @property
+    def batches_ahead(self) -> int:
+        """Batches the DataLoader finishes ahead of the consumer (2 tasks per worker)."""
+        return -(-2 * self.workers // self.chunks_per_batch)
 
     def views_batches(self, batches, seeds):
-        dataset = _BatchTasks(self.maker, list(batches), list(seeds))
+        batches, seeds = list(batches), list(seeds)
+        tasks = [(k, first, stop) for k, indices in enumerate(batches)
+                 for first, stop in chunk_spans(len(indices), self.chunks_per_batch)]
+        dataset = _ChunkTasks(self.maker, batches, seeds, tasks)
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=None, shuffle=False, num_workers=self.workers, collate_fn=_identity,
             prefetch_factor=2 if self.workers else None,
         )
-        yield from loader
+        chunks = []
+        for task, chunk in zip(tasks, loader):  # in task order
+            chunks.append(chunk)
+            if task[2] == len(batches[task[0]]):  # the batch's last chunk
+                self.batch_workers = {c["worker"] for c in chunks}
+                yield self.maker.merge(chunks, seeds[task[0]])
+                chunks = []
 
 
-class _BatchTasks(torch.utils.data.Dataset):
-    def __init__(self, maker: "ReferenceBatchMaker", batches: list, seeds: list):
-        self.maker, self.batches, self.seeds = maker, batches, seeds
+def chunk_spans(size: int, chunks: int) -> list[tuple[int, int]]:
+    """[first, stop) of `chunks` contiguous, near-equal, non-empty slices of range(size) (one if size is 0)."""
+    chunks = max(1, min(chunks, size))
+    bounds = [round(size * c / chunks) for c in range(chunks + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+class _ChunkTasks(torch.utils.data.Dataset):
+    def __init__(self, maker: "ReferenceBatchMaker", batches: list, seeds: list, tasks: list):
+        self.maker, self.batches, self.seeds, self.tasks = maker, batches, seeds, tasks
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return len(self.tasks)
 
-    def __getitem__(self, k: int):
-        return self.maker.make(self.batches[k], self.seeds[k])
+    def __getitem__(self, t: int) -> dict:
+        k, first, stop = self.tasks[t]
+        return self.maker.make_chunk(self.batches[k][first:stop], self.seeds[k], first)
 
 
 def _identity(item):
     return item
 
 
-class ReferenceBatchMaker:
-    """One batch of `Views` (CPU) from index array + seed, with DINO's per-image transforms."""
+def image_seed(seed: int, position: int) -> int:
+    """The seed of the transforms of the image at `position` of the batch whose seed is `seed`."""
+    return int(np.random.SeedSequence([seed, position]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
-    def __init__(self, source, recipe: ViewRecipe, dtype: str = "float32"):
+
+class ReferenceBatchMaker:
+    """Views (CPU) from index arrays + seeds, with DINO's per-image transforms: `make_chunk` per slice
+    of a batch (in a worker), `merge` of a batch's chunks (in the consumer), `make` = both at once."""
+
+    def __init__(self, source, recipe: ViewRecipe, dtype: str = "float32", verify_crc: bool = True):
         self.source, self.recipe = source, recipe
+        self.verify_crc = verify_crc
         self.dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
         self.normalize = transforms.Normalize(recipe.mean, recipe.std)
         interpolation = InterpolationMode.BICUBIC if recipe.interpolation == "bicubic" else InterpolationMode.BILINEAR
         self.interpolation = interpolation
 
-    def make(self, indices: np.ndarray, seed: int) -> tuple[Views | None, int]:
-        with _seeded(seed):
-            images, kept = [], []
-            for index in indices:
-                image = self._open(int(index))
-                if image is not None:
-                    images.append(self.image_views(image))
-                    kept.append(int(index))
-            if not images:
-                return None, len(indices)
-            return self._collate(images, kept), len(indices) - len(kept)
+    def make(self, indices: np.ndarray, seed: int) -> tuple[Views | None, list[tuple[int, str]]]:
+        return self.merge([self.make_chunk(indices, seed, 0)], seed)
 
-    def _open(self, index: int) -> Image.Image | None:
+    def make_chunk(self, indices: np.ndarray, seed: int, first: int) -> dict:
+        """The images at positions first.. of the batch: their crops stacked per kind, kept ids, skips."""
+        images, kept, skipped = [], [], []
+        for offset, index in enumerate(indices):
+            with _seeded(image_seed(seed, first + offset)):
+                image, reason = self._open(int(index))
+                if image is None:
+                    skipped.append((int(index), reason))
+                    continue
+                images.append(self.image_views(image))
+                kept.append(int(index))
+        recipe, worker = self.recipe, torch.utils.data.get_worker_info()
+        stacks = {kind: _stack(images, kind, size) for kind, size in
+                  (("global", recipe.global_views.size), ("local", recipe.local_views.size), ("query", recipe.queries.size))}
+        return {"kept": kept, "skipped": skipped, "stacks": stacks, "worker": -1 if worker is None else worker.id}
+
+    def merge(self, chunks: list[dict], seed: int) -> tuple[Views | None, list[tuple[int, str]]]:
+        """One batch from its chunks in order; the RegionCL swaps are drawn here, from the batch seed."""
+        skipped = [pair for chunk in chunks for pair in chunk["skipped"]]
+        chunks = [chunk for chunk in chunks if chunk["kept"]]
+        if not chunks:
+            return None, skipped
+        kept = [index for chunk in chunks for index in chunk["kept"]]
+        stacks = {kind: tuple(torch.cat([chunk["stacks"][kind][part] for chunk in chunks]) for part in (0, 1))
+                  for kind in ("global", "local", "query")}
+        with _seeded(seed):
+            return self._collate(stacks, kept), skipped
+
+    def _open(self, index: int) -> tuple[Image.Image | None, str | None]:
+        data = self.source.encoded(index)
+        reason = self.source.corrupt_reason(index, data) if self.verify_crc else None
+        if reason is not None:
+            return None, reason
         try:
-            image = Image.open(io.BytesIO(self.source.encoded(index).tobytes()))
-            return image.convert("RGB")
+            return Image.open(io.BytesIO(data.tobytes())).convert("RGB"), None
         except Exception as error:  # PIL raises many types on a broken file
-            logger.warning("skipping record %d of %s: %s", index, self.source.path, str(error)[:120])
-            return None
+            return None, f"PIL cannot decode it ({len(data)} bytes): {str(error).splitlines()[0][:120] if str(error) else type(error).__name__}"
 
     def image_views(self, image: Image.Image) -> dict:
         """Every crop of one image: lists of (tensor [3, s, s] normalized, box [4])."""
@@ -147,11 +205,11 @@ class ReferenceBatchMaker:
             crop = ImageOps.solarize(crop, threshold=round(spec.solarize_threshold * 255))
         return self.normalize(TF.to_tensor(crop))
 
-    def _collate(self, images: list[dict], kept: list[int]) -> Views:
+    def _collate(self, stacks: dict, kept: list[int]) -> Views:
+        """stacks[kind] = (crops [B, V, 3, s, s], boxes [B, V, 4]) -> Views (swaps from the current RNG)."""
         recipe = self.recipe
-        global_crops, global_boxes = _stack(images, "global", recipe.global_views.size)  # [B, G, ...]
-        local_crops, local_boxes = _stack(images, "local", recipe.local_views.size)  # [B, L, ...]
-        query_crops, query_boxes = _stack(images, "query", recipe.queries.size)  # [B, Q, ...]
+        (global_crops, global_boxes), (local_crops, local_boxes) = stacks["global"], stacks["local"]
+        query_crops, query_boxes = stacks["query"]  # [B, Q, ...]
         global_crops, local_crops = global_crops.transpose(0, 1), local_crops.transpose(0, 1)  # [G|L, B, 3, s, s]
         swap = self._swap(global_crops) if recipe.swap.enabled else None
         return Views(
@@ -184,8 +242,8 @@ class ReferenceBatchMaker:
 
 
 def _stack(images: list[dict], kind: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Crops [B, V, 3, size, size] and boxes [B, V, 4] of one kind (V may be 0)."""
-    count = len(images[0][kind])
+    """Crops [B, V, 3, size, size] and boxes [B, V, 4] of one kind (V or B may be 0)."""
+    count = len(images[0][kind]) if images else 0
     if count == 0:
         return torch.zeros(len(images), 0, 3, size, size), torch.zeros(len(images), 0, 4)
     crops = torch.stack([torch.stack([crop for crop, _ in image[kind]]) for image in images])
