@@ -10,9 +10,12 @@ is written; between them the loop only launches work. Consequences (decisions):
   ignore it and are shut down by the trainer. With one rank it is honoured after the current step; with several it is
   all-reduced on log steps (a signal that reached only some ranks must not start a collective save
   on those alone), so the stop comes within `log.every_steps` steps. Then a checkpoint, then exit 0.
-- Fetching a batch runs inside `torch.random.fork_rng`: a loader that draws from the global torch RNG
-  (a DataLoader iterator draws its base seed when it starts) would otherwise shift the student's
-  drop-path stream differently in a straight run and a resumed one, breaking exact resume.
+- Fetching a batch and evaluating run inside `torch.random.fork_rng`: a loader that draws from the
+  global torch RNG (a DataLoader iterator draws its base seed when it starts) would otherwise shift the
+  student's drop-path stream differently in a straight run and a resumed one (which restarts after
+  the checkpoint, i.e. after the epoch end's evaluation), breaking exact resume across processes.
+  Nothing draws from the global RNGs between `restore_rng` and the first step either (telemetry's
+  matmul peak uses a private generator; `train.main.build_run` restores last).
 - A batch lost entirely to corrupt records ends the epoch one batch short; the step counter then
   jumps to the next epoch boundary so that step // steps_per_epoch stays the epoch.
 """
@@ -131,7 +134,8 @@ def train_loop(run: Run, evaluate=None, benchmark_warmup: int = -1) -> str:
             if exhausted and run.step % run.steps_per_epoch:  # epoch ended short (batches lost to corrupt records)
                 run.step = (epoch + 1) * run.steps_per_epoch
             if evaluate is not None and run.step % run.steps_per_epoch == 0:
-                evaluate(run, run.step // run.steps_per_epoch)
+                with torch.random.fork_rng(devices=[]):  # an evaluation's DataLoader draws its base seed
+                    evaluate(run, run.step // run.steps_per_epoch)
         return "done"
     finally:
         stop.restore()

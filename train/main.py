@@ -149,11 +149,11 @@ def build_run(cfg, device, benchmark_steps: int = 0, warmup_steps: int = 5):
               group_kinds=group_kinds, teacher=teacher, losses=losses, schedules=schedules, telemetry=None,
               total_steps=total_steps)
     checkpoint = None if benchmark_steps else find_checkpoint(run_dir / "checkpoints", cfg.checkpoint.resume)
+    state = None
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, engine=engine, teacher=teacher, losses=losses)
         run.step, run.last_checkpoint, run.last_checkpoint_step = state["step"], checkpoint, state["step"]
         loader.load_state_dict(state["loader"])
-        restore_rng(state["rng"])
     run.telemetry = Telemetry(
         run_dir, rank=rank, device=device, total_steps=total_steps, images_per_step=global_batch, world_size=world_size,
         flops_per_image=count_step_flops(cfg.model, cfg.methods, cfg.recipe),
@@ -161,6 +161,8 @@ def build_run(cfg, device, benchmark_steps: int = 0, warmup_steps: int = 5):
         measured_peak_flops=measured_matmul_flops(device) if benchmark_steps else None,
         views_seconds=loader.take_views_seconds,
     )
+    if state is not None:
+        restore_rng(state["rng"])  # last: nothing may draw from the global RNGs between here and the first step
     logger.info("rank %d/%d on %s: %d steps/epoch, %d steps (from %d), global batch %d, peak lr %.3g",
                 rank, world_size, device, len(loader), total_steps, run.step, global_batch, schedules.lr.max())
     return run

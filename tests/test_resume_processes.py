@@ -1,0 +1,148 @@
+"""Exact resume across processes (issue 16 item 1): a training process killed with SIGKILL right after a
+checkpoint and started again continues exactly like one uninterrupted run: the same losses at every
+step (metrics.jsonl, bit for bit), the same final teacher weights and centres.
+
+CPU, drop-path on, the MFU peak measured (as the `cpu_smoke` overlay does: that measurement drew from
+the global RNG after the restore and shifted the student's drop-path stream), one method mix per run.
+The interrupted run is real processes, forked from one helper process that imported torch, timm and
+DeepSpeed once (a fresh interpreter pays ~10 s of imports here; forking before any computation is safe):
+the first is killed with SIGKILL by a hook as it enters step KILL_AT (one step after the checkpoint, so
+it has already logged a step that the restarted process recomputes); the second resumes from
+`checkpoints/latest` and runs to the end. The four mixes run side by side. The reference run is the
+same config, uninterrupted, in the test's own process.
+Checkpoints every 3 steps, 6 steps per epoch: a kill after step 3 resumes mid-epoch, after step 6 at an
+epoch boundary (where the dino+adclr run also evaluates k-NN, whose DataLoader draws a seed).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_train_support import make_tiny_beton, read_metrics, write_tiny_config
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = 8
+FORK_SERVER = '''
+import json, os, signal, sys, traceback
+import train.loop, train.main  # torch, timm, DeepSpeed: imported once, nothing computed before the forks
+original_step = train.loop.train_step
+
+def start(job):
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        log = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        def train_step(*args, **kwargs):
+            if args[5].step == job["kill_at"]:  # args[5]: the LossState of the step about to run
+                os.kill(os.getpid(), signal.SIGKILL)
+            return original_step(*args, **kwargs)
+        train.loop.train_step = train_step
+        code = train.main.main(job["argv"])
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+for line in sys.stdin:  # one line = a JSON list of jobs, run side by side; answers {name: exit code}
+    running = {start(job): job["name"] for job in json.loads(line)}
+    codes = {name: os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid, name in running.items()}
+    print("codes", json.dumps(codes), flush=True)
+'''
+MIXES = {  # name: (overrides, the step a process is killed entering: checkpoint step + 1)
+    "dino+adclr": (["methods.adclr.enabled=true", "recipe.queries.count=3", "eval.every_epochs=1"], 7),
+    "dino+selfpatch": (["methods.selfpatch.enabled=true"], 4),
+    "dino+regioncl": (["methods.regioncl.enabled=true", "recipe.swap.enabled=true"], 7),
+    "flsl": (["methods.dino.enabled=false", "methods.flsl.enabled=true", "recipe.nested=true"], 4),
+}
+TIMING = {"images_per_second", "step_time_s", "data_wait_s", "data_wait_fraction", "views_s", "forward_backward_s",
+          "optimizer_s", "mfu", "mfu_measured", "peak_memory_gib"}
+
+
+@pytest.fixture(scope="module")
+def beton(tmp_path_factory):
+    return make_tiny_beton(tmp_path_factory.mktemp("data"))
+
+
+def mix_config(tmp_path: Path, beton: Path, run_dir: Path, overrides: list[str]) -> Path:
+    evaluation = {"train_path": str(beton), "test_path": str(beton), "image_size": 32, "at_end": False} \
+        if "eval.every_epochs=1" in overrides else {}
+    return write_tiny_config(tmp_path, beton, run_dir, model={"drop_path_rate": 0.1}, log={"peak_tflops": 0.0},
+                             schedule={"max_steps": STEPS}, checkpoint={"every_steps": 3}, eval=evaluation)
+
+
+@pytest.fixture(scope="module")
+def interrupted_runs(beton, tmp_path_factory):
+    """Every mix trained in two forked processes, the first killed; returns {mix: (run dir, exit codes, log)}."""
+    root = tmp_path_factory.mktemp("interrupted")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    server = subprocess.Popen([sys.executable, "-c", FORK_SERVER], cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)},
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    jobs = {}
+    for mix, (overrides, _) in MIXES.items():
+        config = mix_config(root, beton, root / mix, overrides)
+        jobs[mix] = {"name": mix, "argv": ["--config", str(config), *overrides], "log": str(root / f"{mix}.log")}
+    codes = {}
+    try:
+        for phase, kill in (("killed", True), ("resumed", False)):
+            batch = [{**job, "kill_at": MIXES[mix][1] if kill else -1} for mix, job in jobs.items()]
+            server.stdin.write(json.dumps(batch) + "\n")
+            server.stdin.flush()
+            answer = server.stdout.readline()
+            while answer and not answer.startswith("codes "):  # libraries print on import
+                answer = server.stdout.readline()
+            assert answer, "the fork server died"
+            for mix, code in json.loads(answer[len("codes "):]).items():
+                codes.setdefault(mix, {})[phase] = code
+    finally:
+        server.stdin.close()
+        server.wait(timeout=60)
+    return {mix: (root / mix, codes[mix], Path(jobs[mix]["log"]).read_text()) for mix in MIXES}
+
+
+def final_trainer_state(run_dir: Path) -> dict:
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    return torch.load(run_dir / "checkpoints" / latest / "trainer.pt", map_location="cpu", weights_only=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mix", list(MIXES))
+def test_a_killed_process_resumes_exactly(mix, interrupted_runs, beton, tmp_path):
+    from train.config import load_config
+    from train.main import train
+
+    overrides, kill_at = MIXES[mix]
+    run_dir, codes, log = interrupted_runs[mix]
+    assert codes == {"killed": -9, "resumed": 0}, log[-3000:]  # -9: SIGKILL
+    assert f"(step {kill_at - 1})" in log  # "resumed from .../step_0000000X (step X)"
+
+    straight = mix_config(tmp_path, beton, tmp_path / "straight", overrides)
+    assert train(load_config(straight, overrides)) == "done"
+
+    reference = {r["step"]: r for r in read_metrics(tmp_path / "straight")}
+    logged = read_metrics(run_dir)
+    assert sorted(reference) == list(range(1, STEPS + 1))
+    assert [r["step"] for r in logged] == [*range(1, kill_at + 1), *range(kill_at, STEPS + 1)]
+    for record in logged:  # the killed process's last step and its recomputation both match
+        expected = {k: v for k, v in reference[record["step"]].items() if k not in TIMING}
+        assert {k: v for k, v in record.items() if k not in TIMING} == expected, record["step"]
+    if "eval.every_epochs=1" in overrides:
+        assert [r["step"] for r in read_metrics(run_dir, "eval")] == [6]
+    ours, theirs = final_trainer_state(run_dir), final_trainer_state(tmp_path / "straight")
+    assert ours["step"] == theirs["step"] == STEPS
+    assert len(theirs["teacher"]) > 0 and (mix == "flsl" or len(theirs["losses"]) > 0)  # FLSL keeps no centre
+    for part in ("teacher", "losses"):  # the losses' state holds the centres
+        assert ours[part].keys() == theirs[part].keys()
+        for name, value in theirs[part].items():
+            assert torch.equal(ours[part][name], value), f"{part}.{name}"
