@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+import imagefactory
+
 from test_train_support import tiny_config, write_tiny_config
 from pipeline.recipe import recipe_preset
 from train.config import TrainConfig, load_config, save_config
@@ -192,3 +194,88 @@ def test_collective_timeout_is_validated(tmp_path):
     assert load_config(path, ["collective_timeout_s=30"]).collective_timeout_s == 30
     with pytest.raises(ConfigError, match=r"^collective_timeout_s: must be >= 1 \(seconds\), got 0$"):
         load_config(path, ["collective_timeout_s=0"])
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """A 24-image labelled .beton, its image folder, an unlabelled folder and a non-dataset file."""
+    from test_train_support import make_tiny_beton
+
+    root = tmp_path_factory.mktemp("data")
+    beton = make_tiny_beton(root)
+    unlabelled = root / "unlabelled"
+    unlabelled.mkdir()
+    imagefactory.write_jpeg(unlabelled / "a.jpg", imagefactory.smooth_image(0, 40, 40))
+    (root / "notes.txt").write_text("not a dataset\n")
+    (root / "broken.beton").write_bytes(b"\0" * 64)
+    return {"beton": beton, "folder": root / "images", "unlabelled": unlabelled, "text": root / "notes.txt",
+            "broken": root / "broken.beton"}
+
+
+DATA_MISTAKES = {  # name: (data.path, overrides, the error after "config error: ")
+    "batch larger than the data": ("beton", ["data.batch_size=100"],
+                                   "data.batch_size: 24 samples in {beton} make no whole global batch of 100 x 1 rank(s); "
+                                   "lower data.batch_size or set data.drop_last=false"),
+    "ffcv on an image folder": ("folder", ["data.backend=ffcv"], "data.backend: 'ffcv' reads .beton files only and {folder} is an "
+                                "image folder: build one with `preprocess build-ffcv`, or use data.backend=dali or reference"),
+    "neither .beton nor folder": ("text", [], "data.path: {text} is neither a directory nor a .beton file"),
+    "a broken .beton": ("broken", [], "data.path: {broken}: 64 bytes, too short to be a .beton"),
+    "unlabelled k-NN memory": ("beton", ["eval.train_path={unlabelled}", "eval.test_path={beton}"],
+                               "eval.train_path: {unlabelled} has 1 unlabelled images; the k-NN needs class labels "
+                               "(a .beton built from an ImageFolder, or an ImageFolder)"),
+    "k-NN queries not a dataset": ("beton", ["eval.train_path={beton}", "eval.test_path={text}"],
+                                   "eval.test_path: {text} is neither a directory nor a .beton file"),
+    "run folder is a file": ("beton", ["run_dir={text}"], "run_dir: {text} exists and is not a folder"),
+}
+
+
+@pytest.mark.parametrize("mistake", list(DATA_MISTAKES))
+def test_data_mistakes_stop_before_anything_is_written(mistake, tiny_data, tmp_path, capsys):
+    from train.main import main
+
+    data, overrides, message = DATA_MISTAKES[mistake]
+    path = write_tiny_config(tmp_path, tiny_data[data], tmp_path / "run")
+    assert main(["--config", str(path), *[o.format(**tiny_data) for o in overrides]]) == 2
+    err = capsys.readouterr().err
+    assert err == f"config error: {message.format(**tiny_data)}\n"
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_backend_whose_library_is_missing_is_a_config_error(tiny_data, tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    from train.main import main
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.startswith("nvidia") else real_find_spec(name, *a))
+    path = write_tiny_config(tmp_path, tiny_data["folder"], tmp_path / "run")
+    assert main(["--config", str(path), "data.backend=dali"]) == 2
+    assert capsys.readouterr().err == ("config error: data.backend: 'dali' needs the Python package nvidia.dali, which is "
+                                       "not installed here (scripts/setup.sh installs it), or choose another backend\n")
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_same_data_passes_when_the_mistake_is_fixed(tiny_data, tmp_path):
+    from train.config import check_data
+
+    config = tiny_config(tmp_path, tiny_data["beton"], tmp_path / "run", ["data.batch_size=100", "data.drop_last=false",
+                         f"eval.train_path={tiny_data['folder']}", f"eval.test_path={tiny_data['beton']}"])
+    check_data(config, world_size=1)
+    check_data(tiny_config(tmp_path, tiny_data["folder"], tmp_path / "run", ["data.backend=dali"]), world_size=1)
+    with pytest.raises(ConfigError, match=r"^data\.batch_size: 24 samples in .* of 8 x 4 rank\(s\)"):
+        check_data(tiny_config(tmp_path, tiny_data["beton"], tmp_path / "run", ["data.batch_size=8"]), world_size=4)
+
+
+def test_a_data_mistake_prints_exactly_one_line_from_the_command(tiny_data, tmp_path):
+    """Through a real process: nothing else on stderr (no traceback, no library banner)."""
+    import subprocess
+    import sys
+
+    path = write_tiny_config(tmp_path, tiny_data["beton"], tmp_path / "run")
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "train/main.py", "--config", str(path), "data.batch_size=100"],
+                            cwd=root, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [DATA_MISTAKES["batch larger than the data"][2].format(**tiny_data)
+                                          .join(["config error: ", ""])]
+    assert result.stdout == "" and not (tmp_path / "run").exists()

@@ -17,6 +17,7 @@ Decisions:
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,6 +207,44 @@ def check_paths(config: TrainConfig) -> None:
         if key == "data.path" or value:
             _check(bool(value) and Path(value).exists(), key,
                    f"{value!r} does not exist (build one with `preprocess build-ffcv SRC OUT.beton`, or fix {key})")
+
+
+def check_data(config: TrainConfig, world_size: int) -> None:
+    """The checks that need the data files (sizes, source kind vs backend, labels), run before anything is
+    built or written; each failure is a ConfigError naming the dotted key."""
+    data = config.data
+    source = _open_source(data.path, "data.path")
+    if data.backend == "ffcv":
+        _check(source.kind == "beton", "data.backend", f"'ffcv' reads .beton files only and {data.path} is an image "
+               "folder: build one with `preprocess build-ffcv`, or use data.backend=dali or reference")
+    library = {"dali": "nvidia.dali", "ffcv": "ffcv"}.get(data.backend)
+    if library is not None:
+        _check(importlib.util.find_spec(library.split(".")[0]) is not None and importlib.util.find_spec(library) is not None,
+               "data.backend", f"{data.backend!r} needs the Python package {library}, which is not installed here "
+               "(scripts/setup.sh installs it), or choose another backend")
+    global_batch = data.batch_size * world_size
+    _check(not data.drop_last or len(source) >= global_batch, "data.batch_size",
+           f"{len(source)} samples in {data.path} make no whole global batch of {data.batch_size} x {world_size} rank(s); "
+           "lower data.batch_size or set data.drop_last=false")
+    for key in ("eval.train_path", "eval.test_path"):
+        path = getattr(config.eval, key.split(".")[1])
+        if path:
+            labels = _open_source(path, key).labels
+            _check(bool((labels >= 0).all()), key, f"{path} has {int((labels < 0).sum())} unlabelled images; the k-NN needs "
+                   "class labels (a .beton built from an ImageFolder, or an ImageFolder)")
+    run_dir = Path(config.run_dir)
+    _check(not run_dir.exists() or run_dir.is_dir(), "run_dir", f"{run_dir} exists and is not a folder")
+
+
+def _open_source(path: str, key: str):
+    """`pipeline`'s ImageSource of a .beton or image folder; its errors become one-line config errors."""
+    from pipeline.backends.source import open_source
+
+    try:
+        return open_source(path)
+    except (OSError, ValueError) as error:  # missing, neither .beton nor folder, empty, truncated, no manifest
+        message = str(error).removeprefix("data.path: ")
+        raise ConfigError(f"{key}: {message}") from None
 
 
 def _check(condition: bool, key: str, message: str) -> None:

@@ -8,8 +8,10 @@ time with its device split (forward+backward, optimizer+EMA), data wait (host), 
 against the spec and the measured peak, and peak memory (`--json PATH` writes the same figures); no
 checkpoints, no evaluation, no resume; its config/metrics go to a fresh temporary folder (logged), never
 to `run_dir`.
-The data files are checked to exist before anything is built; a finished run re-run logs "nothing to
-train" and exits 0. The `--local_rank` that the DeepSpeed launcher appends is accepted and ignored (the rank
+The data files are checked before anything is built or written (`train.config.check_paths` and
+`check_data`: they exist, are a .beton or an image folder the backend can read, hold a whole global
+batch, and the evaluation sets are labelled; one line `config error: <dotted key>: ...`, exit code 2);
+a finished run re-run logs "nothing to train" and exits 0. The `--local_rank` that the DeepSpeed launcher appends is accepted and ignored (the rank
 comes from the environment).
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -46,15 +49,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from train.config import ConfigError, check_paths, load_config
+    from train.config import ConfigError, check_data, check_paths, load_config
 
-    try:
+    try:  # before logging is set up: a config mistake prints its one line and nothing else
         cfg = load_config(args.config, args.overrides)
         check_paths(cfg)
+        check_data(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from train.loop import NonFiniteLoss  # imports DeepSpeed (through train.engine)
 
     try:
