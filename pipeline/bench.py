@@ -4,19 +4,28 @@
         --batch-size 256 --seconds 60 --workers 8 --vs reference --json out.json [--profile]
 
 Builds the loader(s) exactly as training does (`build_loader`; `dali-ops` = the op-per-view DALI
-baseline), runs `--warmup-batches` per backend, then measures for `--seconds`. With `--vs`, the two
-backends take turns in one process (`--segment-batches` measured batches each), so both see the same
-machine load; each turn first drains, unmeasured, what its backend finished in the background during
-the other's turn (reference workers, decode prefetch). The ratio of their images/s is printed.
+baseline). With two backends (`--vs B`, or `--verify-crc both`: the same backend with the crc32 check
+on and off), they take turns in one process (`--segment-batches` measured batches each), so both see the
+same machine load; each turn first drains, unmeasured, what its backend finished in the background during
+the other's turn (reference workers, decode and views prefetch). The ratio of their images/s is printed.
+
+Time budget (decisions, issue 12): `--seconds` covers warm-up AND measurement (building the loaders,
+e.g. DALI pipelines and FFCV's numba compile, comes before it). Warm-up is `--warmup-batches` per
+backend, cut short once it has used 20% of `--seconds` (at least one batch per backend, since the
+first batch carries start-up costs); measurement runs until `--seconds` are up, checking the clock
+before every batch, so the run ends at most one batch after the budget. With `--json`, the file is
+rewritten after every round (one turn of each backend) and once more on SIGTERM (marked
+`"interrupted": "SIGTERM"`), so a run cut by `timeout` still leaves its figures.
 
 Reported per backend: images/s, views/s (crops per second: globals + locals + queries + swap
 composites), ms per batch (p50/p90, the wall time of `next()`, with a CUDA sync), batches; for the
 run: CPU utilization (cores busy: CPU seconds of this process and its workers / wall seconds) and
-peak GPU memory.
+peak GPU memory; for the reference, how many worker processes made each batch (it spreads every batch
+over all of them).
 
 `--profile` decodes synchronously (no prefetch thread) and splits the time of each batch into read /
-decode / views / transfer (CUDA-synchronized at each boundary, so it slows the run); for the
-reference and dali-ops the workers' work is one block, "workers".
+verify (crc32) / decode / views / transfer (CUDA-synchronized at each boundary, so it slows the run);
+for the reference and dali-ops the workers' work is one block, "workers".
 """
 from __future__ import annotations
 
@@ -25,6 +34,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 
@@ -37,6 +47,7 @@ from pipeline.recipe import PRESET_NAMES, recipe_preset
 
 logger = logging.getLogger(__name__)
 BENCH_BACKENDS = ("dali", "ffcv", "reference", "dali-ops")
+WARMUP_SHARE = 0.2  # of --seconds, at most, for the warm-up batches
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -50,8 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--swap", action="store_true", help="also make RegionCL swaps (e.g. 'ADCLR + swaps')")
     parser.add_argument("--tiny", action="store_true", help="shrink the recipe to 32/16/8 px crops/patches (smoke tests)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per batch")
-    parser.add_argument("--seconds", type=float, default=30.0, help="measured seconds (after warm-up), all backends together")
-    parser.add_argument("--warmup-batches", type=int, default=2, help="batches per backend before measuring")
+    parser.add_argument("--seconds", type=float, default=30.0,
+                        help="seconds for warm-up (at most 20%%) plus measurement, all backends together")
+    parser.add_argument("--warmup-batches", type=int, default=2, help="batches per backend before measuring (at least 1)")
     parser.add_argument("--workers", type=int, default=psutil.cpu_count() or 1,
                         help="DALI/FFCV decode threads, or reference DataLoader worker processes")
     parser.add_argument("--canvas-size", type=int, default=512, help="decoded canvas side in pixels (dali/ffcv)")
@@ -59,12 +71,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--segment-batches", type=int, default=4,
                         help="with --vs: measured batches per backend per turn (after draining its work made ahead)")
     parser.add_argument("--vs", choices=BENCH_BACKENDS, default=None, help="second backend, run alternately; prints the ratio")
-    parser.add_argument("--profile", action="store_true", help="split time per batch into read/decode/views/transfer")
+    parser.add_argument("--verify-crc", choices=("on", "off", "both"), default="on",
+                        help="check each record's crc32 before decoding; 'both': the backend with and without, side by side")
+    parser.add_argument("--profile", action="store_true", help="split time per batch into read/verify/decode/views/transfer")
     parser.add_argument("--seed", type=int, default=0, help="order and views seed")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     if not os.path.exists(args.data):  # one line and exit code 2, not a traceback from inside the loader
         parser.error(f"--data {args.data}: no such .beton file or image folder")
+    if args.verify_crc == "both" and args.vs:
+        parser.error("--verify-crc both already runs two loaders side by side; drop --vs")
+    if args.seconds <= 0 or args.warmup_batches < 1 or args.segment_batches < 1:
+        parser.error("--seconds, --warmup-batches and --segment-batches must be positive")
     return args
 
 
@@ -79,6 +97,7 @@ class Runner:
     batch_seconds: list = field(default_factory=list)
     images: int = 0
     stages: dict = field(default_factory=dict)
+    batch_workers: list = field(default_factory=list)  # reference: worker processes per measured batch
     iterator: object = None
 
     def next_batch(self, device: torch.device) -> tuple[float, int]:
@@ -95,13 +114,15 @@ class Runner:
         seconds, images = self.next_batch(device)
         self.batch_seconds.append(seconds)
         self.images += images
+        if hasattr(self.loader.stage_one, "batch_workers"):
+            self.batch_workers.append(len(self.loader.stage_one.batch_workers))
 
     def _endless(self):
         while True:
             yield from self.loader
 
 
-def build_runner(name: str, args: argparse.Namespace, device: torch.device) -> Runner:
+def build_runner(name: str, args: argparse.Namespace, device: torch.device, verify_crc: bool = True, label: str = "") -> Runner:
     recipe = recipe_preset(args.recipe)
     if args.tiny:
         recipe = recipe.scaled(global_size=32, local_size=16, patch_size=8)
@@ -109,37 +130,73 @@ def build_runner(name: str, args: argparse.Namespace, device: torch.device) -> R
         recipe = dataclasses.replace(recipe, swap=dataclasses.replace(recipe.swap, enabled=True)).validate()
     data = DataConfig(path=args.data, backend="reference" if name == "dali-ops" else name, batch_size=args.batch_size,
                       workers=args.workers, canvas_size=args.canvas_size, dtype=args.dtype,
-                      prefetch=0 if args.profile else 2)
+                      prefetch=0 if args.profile else 2, verify_crc=verify_crc)
     loader = build_loader(data, recipe, device=device, seed=args.seed)
     if name == "dali-ops":  # the same loader (order, transfer), the op-per-view DALI graph as its stage
         from pipeline.backends.dali_ops import DaliOpsViews
 
         loader.stage_one = DaliOpsViews(loader.source, recipe, args.batch_size, args.workers, device, args.dtype, args.seed)
     crops = recipe.global_views.count + recipe.local_views.count + recipe.queries.count + int(recipe.swap.enabled)
-    # reference: its DataLoader workers keep 2 finished batches each; dali/ffcv: decoded canvases only
-    ahead = 2 * args.workers if name == "reference" else (0 if name == "dali-ops" else data.prefetch + 1)
-    runner = Runner(name, loader, crops, ahead)
+    if name == "reference":  # its DataLoader keeps 2 chunk tasks per worker in flight
+        ahead = loader.stage_one.batches_ahead
+    elif name == "dali-ops" or data.prefetch == 0:
+        ahead = 0
+    else:  # decoded canvases queued, plus the views queued and in the making
+        ahead = data.prefetch + (2 if data.views_ahead else 1)
+    runner = Runner(label or name, loader, crops, ahead)
     if args.profile:
         loader.timings = runner.stages
         loader.stage_one.timings = runner.stages
     return runner
 
 
-def measure(runners: list[Runner], args: argparse.Namespace, device: torch.device) -> dict:
-    """Warm up, then rounds of `--segment-batches` measured batches per backend until `--seconds`.
+class Measurement:
+    """The runners and the clocks of one measurement; `results()` summarizes whatever was measured so far."""
+
+    def __init__(self, runners: list[Runner], device: torch.device):
+        self.runners, self.device = runners, device
+        self.process = psutil.Process()
+        self.cpu_start, self.wall_start = _cpu_seconds(self.process), time.perf_counter()
+        self.warmup_seconds = 0.0
+
+    def restart_clocks(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.cpu_start, self.wall_start = _cpu_seconds(self.process), time.perf_counter()
+
+    def results(self) -> dict:
+        wall = max(time.perf_counter() - self.wall_start, 1e-9)
+        cpu = _cpu_seconds(self.process) - self.cpu_start
+        device = self.device
+        results = {"backends": [_summary(r) for r in self.runners], "wall_seconds": wall,
+                   "warmup_seconds": self.warmup_seconds,
+                   "cpu_cores_busy": cpu / wall, "cpu_count": psutil.cpu_count(),
+                   "gpu_peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+        rates = [row["images_per_s"] for row in results["backends"]]
+        if len(rates) == 2 and rates[1] > 0:
+            results["ratio"] = rates[0] / rates[1]
+        return results
+
+
+def measure(measurement: Measurement, args: argparse.Namespace, on_round=None) -> dict:
+    """Warm up, then rounds of `--segment-batches` measured batches per backend, all inside `--seconds`.
 
     With two backends, each segment first drains (unmeasured) the batches its backend finished in the
     background during the other's segment, so neither is credited with work done in the other's time.
+    `on_round(results)` is called after every round (the JSON is written there).
     """
+    runners, device = measurement.runners, measurement.device
+    start = time.perf_counter()
+    deadline, warmup_end = start + args.seconds, start + WARMUP_SHARE * args.seconds
     for runner in runners:  # warm-up: compile, build pipelines, fill the caches
-        for _ in range(args.warmup_batches):
+        for k in range(args.warmup_batches):
+            if k and time.perf_counter() >= warmup_end:
+                break
             runner.next_batch(device)
         runner.stages.clear()  # the same dict the loader fills: clear, do not replace
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    process = psutil.Process()
-    cpu_start, wall_start = _cpu_seconds(process), time.perf_counter()
-    while time.perf_counter() - wall_start < args.seconds:
+    measurement.warmup_seconds = time.perf_counter() - start
+    measurement.restart_clocks()
+    while True:
         for runner in runners:
             stages_before = dict(runner.stages)
             for _ in range(runner.ahead if len(runners) > 1 else 0):
@@ -147,15 +204,14 @@ def measure(runners: list[Runner], args: argparse.Namespace, device: torch.devic
             runner.stages.clear()  # drained batches do not count in the profile either
             runner.stages.update(stages_before)
             for _ in range(args.segment_batches):
+                if runner.batch_seconds and time.perf_counter() >= deadline:
+                    break
                 runner.measured_batch(device)
-    wall = time.perf_counter() - wall_start
-    cpu = _cpu_seconds(process) - cpu_start
-    results = {"backends": [_summary(r) for r in runners], "wall_seconds": wall,
-               "cpu_cores_busy": cpu / wall, "cpu_count": psutil.cpu_count(),
-               "gpu_peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
-    if len(runners) == 2:
-        results["ratio"] = results["backends"][0]["images_per_s"] / results["backends"][1]["images_per_s"]
-    return results
+        results = measurement.results()
+        if on_round is not None:
+            on_round(results)
+        if time.perf_counter() >= deadline:
+            return results
 
 
 def _cpu_seconds(process: psutil.Process) -> float:
@@ -173,11 +229,16 @@ def _cpu_seconds(process: psutil.Process) -> float:
 
 def _summary(runner: Runner) -> dict:
     seconds = np.array(runner.batch_seconds)
+    if not len(seconds):
+        return {"backend": runner.name, "batches": 0, "images": 0, "images_per_s": 0.0, "views_per_s": 0.0,
+                "ms_per_batch_p50": None, "ms_per_batch_p90": None}
     images_per_s = runner.images / seconds.sum()
     summary = {"backend": runner.name, "batches": len(seconds), "images": runner.images,
                "images_per_s": images_per_s, "views_per_s": images_per_s * runner.crops_per_image,
                "ms_per_batch_p50": 1000 * float(np.percentile(seconds, 50)),
                "ms_per_batch_p90": 1000 * float(np.percentile(seconds, 90))}
+    if runner.batch_workers:
+        summary["workers_per_batch_min"] = min(runner.batch_workers)
     if runner.stages:
         accounted = sum(runner.stages.values())
         stages = dict(runner.stages)
@@ -187,15 +248,19 @@ def _summary(runner: Runner) -> dict:
 
 
 def print_table(results: dict, args: argparse.Namespace) -> None:
+    interrupted = f" (interrupted by {results['interrupted']})" if "interrupted" in results else ""
     print(f"recipe {args.recipe}{' + swap' if args.swap else ''}, device {args.device}, batch {args.batch_size}, "
-          f"workers {args.workers}, canvas {args.canvas_size}, {results['wall_seconds']:.1f} s measured")
-    print(f"{'backend':<10} {'images/s':>9} {'views/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'batches':>7}")
+          f"workers {args.workers}, canvas {args.canvas_size}, {results['wall_seconds']:.1f} s measured{interrupted}")
+    print(f"{'backend':<11} {'images/s':>9} {'views/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'batches':>7}")
     for row in results["backends"]:
-        print(f"{row['backend']:<10} {row['images_per_s']:>9.1f} {row['views_per_s']:>9.0f} "
-              f"{row['ms_per_batch_p50']:>8.1f} {row['ms_per_batch_p90']:>8.1f} {row['batches']:>7}")
+        p50, p90 = (float("nan") if row[key] is None else row[key] for key in ("ms_per_batch_p50", "ms_per_batch_p90"))
+        print(f"{row['backend']:<11} {row['images_per_s']:>9.1f} {row['views_per_s']:>9.0f} "
+              f"{p50:>8.1f} {p90:>8.1f} {row['batches']:>7}")
         if "ms_per_batch_by_stage" in row:
             parts = ", ".join(f"{k} {v:.1f}" for k, v in row["ms_per_batch_by_stage"].items())
-            print(f"{'':<10} ms per batch: {parts}")
+            print(f"{'':<11} ms per batch: {parts}")
+        if "workers_per_batch_min" in row:
+            print(f"{'':<11} every measured batch was made by >= {row['workers_per_batch_min']} worker processes")
     if "ratio" in results:
         first, second = (row["backend"] for row in results["backends"])
         print(f"ratio {first} / {second}: {results['ratio']:.2f}x")
@@ -204,20 +269,47 @@ def print_table(results: dict, args: argparse.Namespace) -> None:
           f"GPU peak memory: {'n/a' if memory is None else f'{memory:.2f} GiB'}")
 
 
+def write_json(path: str, results: dict) -> None:
+    """Replace `path` atomically (a reader never sees half a file)."""
+    partial = f"{path}.partial"
+    with open(partial, "w") as handle:
+        json.dump(results, handle, indent=2)
+    os.replace(partial, path)
+
+
+def build_runners(args: argparse.Namespace, device: torch.device) -> list[Runner]:
+    if args.verify_crc == "both":
+        return [build_runner(args.backend, args, device, True, args.backend),
+                build_runner(args.backend, args, device, False, f"{args.backend}-nocrc")]
+    names = [args.backend] + ([args.vs] if args.vs else [])
+    return [build_runner(name, args, device, args.verify_crc == "on") for name in names]
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here; use --device cpu")
     device = torch.device(args.device)
-    names = [args.backend] + ([args.vs] if args.vs else [])
-    runners = [build_runner(name, args, device) for name in names]
-    results = measure(runners, args, device)
-    results["args"] = vars(args)
+    measurement = Measurement(build_runners(args, device), device)
+
+    def finish(results: dict) -> dict:
+        results["args"] = vars(args)
+        if args.json:
+            write_json(args.json, results)
+        return results
+
+    def on_sigterm(signum, frame):  # `timeout` sends SIGTERM: keep what was measured, then exit
+        results = finish({**measurement.results(), "interrupted": "SIGTERM"})
+        print_table(results, args)
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        results = finish(measure(measurement, args, on_round=finish))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print_table(results, args)
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=2)
     return results
 
 

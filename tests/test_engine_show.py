@@ -8,13 +8,27 @@ from pipeline.show import BOX_COLOURS, LEGEND_HEIGHT, load_images, main
 
 
 def test_show_writes_a_picture_with_one_row_per_image(tmp_path, capsys):
+    """3 images (48x64, 64x48, 56x56, colours 0-2), RegionCL: a legend, then per image a row of the source
+    (long side 2 x 112) and 13 tiles (2 globals, 10 locals, 1 composite), in the order of the images."""
+    from pipeline.show import TILE
+
     make_image_folder(tmp_path / "images", num_classes=2, per_class=2)
     out = tmp_path / "views.png"
     main(["--data", str(tmp_path / "images"), "--recipe", "regioncl", "--out", str(out), "--batch-size", "3",
           "--canvas-size", "64"])
-    picture = Image.open(out)
-    assert picture.height >= LEGEND_HEIGHT + 3 * 112 and picture.width > 13 * 112  # source + 2 globals + 10 locals + composite
-    assert "wrote" in capsys.readouterr().out
+    picture = np.asarray(Image.open(out).convert("RGB"))
+    row_height, gap = 2 * TILE, 4
+    assert picture.shape == (LEGEND_HEIGHT + 3 * (row_height + gap), 2 * TILE + gap + 13 * (TILE + gap), 3)
+    for row, (height, width) in enumerate([(168, 224), (224, 168), (224, 224)]):  # sources scaled to long side 224
+        top = LEGEND_HEIGHT + row * (row_height + gap)
+        source = picture[top + 8: top + height - 8, 8: width - 8].reshape(-1, 3)
+        np.testing.assert_allclose(np.median(source, axis=0), expected_mean_rgb(row), atol=8)  # the row's image
+        assert (picture[top + height: top + row_height, :width] == 255).all()  # white below a short source
+        for tile in range(13):
+            left = 2 * TILE + gap + tile * (TILE + gap)
+            assert (picture[top: top + TILE, left: left + TILE] != 255).any(axis=-1).mean() > 0.5  # a view is drawn
+        assert (picture[top: top + row_height, 2 * TILE + gap + 13 * (TILE + gap) - gap:] == 255).all()
+    assert f"wrote {out} (3 images, recipe regioncl, seed 0)" in capsys.readouterr().out
 
 
 def test_show_draws_a_legend_with_every_box_colour(tmp_path):
