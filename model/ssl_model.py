@@ -225,7 +225,7 @@ class SSLModel(nn.Module):
         queries, shifted = [], []
         for patches, grid, window in groups:  # patches [V, B, P, D]
             index = window_query_index(grid, window, patches.device)
-            chosen = patches[:, :, index]  # [V, B, Nq, D]
+            chosen = patches.index_select(2, index)  # [V, B, Nq, D] (backward: index_add_, sync-free)
             beta = cfg.beta_scale / math.sqrt(patches.shape[-1])
             moved = mean_shift(chosen.flatten(0, 1), patches.flatten(0, 1), beta).unflatten(0, chosen.shape[:2])
             queries.append(chosen.transpose(0, 1).flatten(1, 2))  # [B, V * Nq, D]

@@ -271,6 +271,35 @@ def test_forward_and_losses_make_no_host_sync_ops():
         assert ("dino/kl" in out) == collect_stats
 
 
+@pytest.mark.gpu
+def test_cuda_forward_and_losses_make_no_host_sync():
+    """Every method on CUDA under bf16 autocast, after a first step: `set_sync_debug_mode("error")` raises on any
+    synchronizing call (item, nonzero, pageable host copies) in forward, second teacher stage, losses, backward."""
+    names = ["dino", "adclr", "selfpatch", "regioncl", "flsl"]
+    student, teacher, losses = build(names)
+    student, teacher, losses = student.cuda(), teacher.cuda().eval(), losses.cuda()
+    views = make_views().to("cuda")
+
+    def step(collect_stats):
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            teacher_out = teacher(views, "teacher")
+        student_out = student(views, "student")
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            teacher_out = teacher.complete_teacher(teacher_out, student_out)
+        out = losses(student_out, teacher_out, views, LossState(epoch=0.5, step=5, collect_stats=collect_stats))
+        out["loss"].backward()
+        return out
+
+    step(True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step(False)
+        step(True)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 class SyncOps(TorchDispatchMode):
     """Records the ops that would synchronize the host with a CUDA device."""
 

@@ -35,6 +35,21 @@ Decisions (checked against the released code, QingSuML/FLSL `main_flsl.py` `trai
   released code takes the window's first cell and, on 14 / 3, a random corner-aligned 12 x 12 block.)
 - Means are over all query tokens of all student views together (token-weighted).
 - VMR's p_bar: the other ranks' contribution enters as a constant (all-reduce has no gradient).
+- Views (`pipeline/recipe.py`, preset "flsl"): as released, every view (the teacher's included) blurs
+  with p 0.5, or with p 0.1 and solarizes with p 0.2, a per-crop choice; no flip. Preset lr warm-up 30
+  epochs (released: 0.1 x 300). k-NN evaluates the mean final-norm patch token of FLSL-only runs
+  (`eval.features` auto): no FLSL term reaches the cls token.
+- Collapse telemetry on log steps, of the clustering term L_km: "flsl/target_entropy",
+  "flsl/prototypes_in_use" (its targets g_t(z_plus) / tau_t), "flsl/kl" (L_km - the target entropy).
+
+Remaining deviations from the released code, with reasons:
+- The backbone keeps timm's cls token and learned position embedding (released: no cls token, fixed
+  2-D sin-cos embedding): one backbone for every method mix; FLSL's terms read only the patch tokens.
+- Query token at the window centre, not a random or first cell, and no random 12 x 12 block (above).
+- beta / beta_ca constant (released: optional cosine schedules, off by default); the released intra-view
+  coefficient schedule (`start_intraview`) and the multi-stage `model_previous_stage` are not implemented.
+- Gradient clipping (global norm, DeepSpeed; released: per parameter), last-layer freeze and precision
+  (bf16; released: fp16 autocast) as in `model/methods/dino.py`.
 """
 from __future__ import annotations
 

@@ -14,6 +14,19 @@ Decisions:
 - Centre: RegionCL keeps its own buffer, updated exactly like DINO's (same teacher cls logits, same
   momentum), so it equals the DINO centre when both are on and still exists when DINO is off.
 - Pooling is a plain masked mean on the patch grid (no ROI-align), as in the released code.
+- Collapse telemetry on log steps: "regioncl/target_entropy", "regioncl/prototypes_in_use" over the
+  target views' rows, "regioncl/kl" (loss - the mean entropy of the paste and canvas targets).
+
+Remaining deviations from the released code (Annbless/RegionCL, RegionCL-M: MoCo v2, ResNet-50), with
+reasons (METHODS.md section 4 prescribes this DINO/ViT adaptation):
+- Distillation instead of InfoNCE: each region's positive is the teacher's centred, sharpened cls
+  distribution of its source image; there is no queue, no negatives and no tau 0.2 (the DINO framework
+  every other method here shares has no negatives).
+- One box per image (sides drawn separately, snapped to the 14 x 14 patch grid: 6-10 patches = the
+  released 3-5 of 7 cells) instead of one box for the whole batch at the same position.
+- Region features from the ViT's patch tokens (pre-norm mean, then the final norm and the DINO head)
+  instead of the ResNet's final feature map and the MoCo projection head.
+- Gradient clipping, last-layer freeze and precision as in `model/methods/dino.py`.
 """
 from __future__ import annotations
 
