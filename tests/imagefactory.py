@@ -85,3 +85,22 @@ def photo_like_image(index: int, height: int, width: int, seed: int = 0) -> np.n
     waves = np.sin(cols / (7 + index % 5) + rows / 11.0) * np.cos(rows / (5 + index % 3))
     base = smooth_image(index, height, width).astype(np.float32) + 40 * waves[..., None]
     return np.clip(base + rng.normal(0, 12, (height, width, 3)), 0, 255).astype(np.uint8)
+
+
+def assert_identical_views(first, second) -> None:
+    """Every field of two `pipeline.views.Views`, bit for bit: global/local/query crops and boxes, index,
+    label, and the RegionCL swap (composites, paste boxes, partners, view)."""
+    import dataclasses
+
+    import torch
+
+    for field in dataclasses.fields(first):
+        a, b = getattr(first, field.name), getattr(second, field.name)
+        if field.name == "swap":
+            assert (a is None) == (b is None), "swap"
+            if a is not None:
+                for part in ("canvas", "paste_box", "partner"):
+                    assert torch.equal(getattr(a, part), getattr(b, part)), f"swap.{part}"
+                assert a.view == b.view, "swap.view"
+        else:
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), field.name

@@ -309,6 +309,29 @@ def test_reference_views_follow_the_recipe(beton):
     torch.testing.assert_close(again.global_crops, views.global_crops, rtol=0, atol=0)
 
 
+def test_reference_views_do_not_depend_on_how_the_batch_is_split(beton):
+    """Each batch is cut into one chunk per worker; per-image seeds make the views the same for any split."""
+    from pipeline.backends.reference import ReferenceViews, chunk_spans
+    from pipeline.recipe import recipe_preset
+
+    assert chunk_spans(256, 16) == [(16 * k, 16 * k + 16) for k in range(16)]
+    assert chunk_spans(5, 2) == [(0, 2), (2, 5)] and chunk_spans(3, 8) == [(0, 1), (1, 2), (2, 3)]
+    recipe = recipe_preset("adclr").scaled()
+    recipe = dataclasses.replace(recipe, swap=dataclasses.replace(recipe.swap, enabled=True))
+    batches, seeds = [np.array([3, 8, 1, 10, 5]), np.array([0, 2, 4, 6, 7])], [11, 12]
+    made = {}
+    for workers in (0, 2, 3):
+        reference = ReferenceViews(open_source(beton), recipe, workers=workers)
+        made[workers] = list(reference.views_batches(batches, seeds))
+        assert reference.batch_workers == ({-1} if workers == 0 else set(range(workers)))
+    for split in (2, 3):
+        for (whole, skipped), (chunked, chunk_skipped) in zip(made[0], made[split]):
+            assert skipped == chunk_skipped == []
+            imagefactory.assert_identical_views(whole, chunked)
+    boxes = made[0][0][0].global_boxes  # images 1 and 10 have the same size: only their seeds tell them apart
+    assert not torch.equal(boxes[:, 2], boxes[:, 3])
+
+
 def test_reference_nested_crops_stay_inside_global_crop_zero(beton):
     from pipeline.backends.reference import ReferenceBatchMaker
     from pipeline.recipe import recipe_preset

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.loader import DataConfig, build_eval_loader, build_loader, rank_batches
+from imagefactory import assert_identical_views
+from pipeline.loader import DataConfig, build_eval_loader, build_loader, rank_batches, view_seed
 from pipeline.recipe import recipe_preset
 
 NUM_IMAGES = 12
@@ -37,13 +38,6 @@ def loaders(beton, recipe):
 def collect(loader, epoch=0, position=0):
     loader.load_state_dict({"epoch": epoch, "position": position})
     return list(loader)
-
-
-def assert_same_views(first, second):
-    assert first.index.tolist() == second.index.tolist()
-    for name in ("global_crops", "local_crops", "query_crops", "global_boxes", "local_boxes", "query_boxes"):
-        torch.testing.assert_close(getattr(first, name), getattr(second, name), rtol=0, atol=0)
-    torch.testing.assert_close(first.swap.canvas, second.swap.canvas, rtol=0, atol=0)
 
 
 def test_rank_batches_shard_the_epoch_permutation():
@@ -82,12 +76,17 @@ def test_every_backend_yields_the_views_contract(loaders, recipe, backend):
     np.testing.assert_array_equal(order, np.random.default_rng([0, 0]).permutation(NUM_IMAGES))
 
 
-def test_dali_and_ffcv_make_the_same_views(loaders):
-    """Same order, same canvas (both libjpeg-turbo on the CPU), same generator -> the same views."""
-    for dali_views, ffcv_views in zip(collect(loaders["dali"]), collect(loaders["ffcv"])):
-        assert dali_views.index.tolist() == ffcv_views.index.tolist()
-        torch.testing.assert_close(dali_views.global_crops, ffcv_views.global_crops, rtol=0, atol=0)  # canvases are bit-identical
-        torch.testing.assert_close(dali_views.global_boxes, ffcv_views.global_boxes, rtol=0, atol=0)
+def test_dali_and_ffcv_make_the_same_views(loaders, beton, recipe):
+    """Same order, same canvas (both libjpeg-turbo on the CPU), same generator -> the same views, every
+    kind (globals, locals, queries, swap composites, all boxes); for one rank and for rank 1 of 2."""
+    single = [collect(loaders[backend]) for backend in ("dali", "ffcv")]
+    assert len(single[0]) == len(single[1]) == 3
+    for dali_views, ffcv_views in zip(*single):
+        assert_identical_views(dali_views, ffcv_views)  # canvases are bit-identical
+    second_rank = [list(make_loader(beton, recipe, backend, rank=1, world_size=2, batch_size=2)) for backend in ("dali", "ffcv")]
+    assert len(second_rank[0]) == len(second_rank[1]) == 3
+    for dali_views, ffcv_views in zip(*second_rank):
+        assert_identical_views(dali_views, ffcv_views)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -96,11 +95,11 @@ def test_same_seed_same_batches_and_exact_mid_epoch_resume(loaders, backend):
     full = collect(loader, epoch=2)
     again = collect(loader, epoch=2)
     for first, second in zip(full, again):
-        assert_same_views(first, second)
+        assert_identical_views(first, second)
     resumed = collect(loader, epoch=2, position=1)
     assert len(resumed) == 2
     for first, second in zip(full[1:], resumed):
-        assert_same_views(first, second)
+        assert_identical_views(first, second)
     other_epoch = collect(loader, epoch=3)
     assert [v.index.tolist() for v in other_epoch] != [v.index.tolist() for v in full]
 
@@ -122,13 +121,24 @@ def test_resume_after_a_partial_epoch_through_state_dict(loaders):
 
 
 def test_two_ranks_get_disjoint_shards_and_identical_views_per_seed(beton, recipe):
+    """Each rank's shard is disjoint from the other's; its views are reproduced exactly by a fresh loader
+    with the same seed, and are the engine's views of its batches with the generator seeded by
+    view_seed(seed, epoch, rank, position), so the ranks draw from different streams."""
     rank_indices = []
     for rank in range(2):
-        loader = make_loader(beton, recipe, "dali", rank=rank, world_size=2, batch_size=2)
-        assert len(loader) == 3
-        rank_indices.append(np.concatenate([v.index.numpy() for v in loader]))
+        loader = make_loader(beton, recipe, "dali", rank=rank, world_size=2, batch_size=2, seed=5)
+        views = list(loader)
+        assert len(views) == 3
+        for first, second in zip(views, make_loader(beton, recipe, "dali", rank=rank, world_size=2, batch_size=2, seed=5)):
+            assert_identical_views(first, second)
+        for position, (indices, made) in enumerate(zip(loader.epoch_batches(0), views)):
+            batch, _ = loader.stage_one.decode(indices)
+            expected = loader.engine.make_views(batch, torch.Generator().manual_seed(view_seed(5, 0, rank, position)))
+            assert_identical_views(made, expected)
+        rank_indices.append(np.concatenate([v.index.numpy() for v in views]))
     assert len(set(rank_indices[0]) | set(rank_indices[1])) == NUM_IMAGES
     assert not set(rank_indices[0]) & set(rank_indices[1])
+    assert view_seed(5, 0, 0, 1) != view_seed(5, 0, 1, 1) != view_seed(5, 1, 1, 1)
 
 
 def test_corrupt_records_are_skipped_and_counted(folder, recipe, tmp_path):

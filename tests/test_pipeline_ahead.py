@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from imagefactory import assert_identical_views
 from pipeline.loader import DataConfig, build_loader
 from pipeline.recipe import recipe_preset
 
@@ -39,18 +40,6 @@ def configured(loader, **changes):
 def collect(loader, epoch=0, position=0):
     loader.load_state_dict({"epoch": epoch, "position": position})
     return list(loader)
-
-
-def assert_identical_views(first, second):
-    """Every field of two Views, bit for bit: crops, boxes, queries, swap composites and their boxes."""
-    for field in dataclasses.fields(first):
-        a, b = getattr(first, field.name), getattr(second, field.name)
-        if field.name == "swap":
-            for part in ("canvas", "paste_box", "partner"):
-                assert torch.equal(getattr(a, part), getattr(b, part)), f"swap.{part}"
-            assert a.view == b.view
-        else:
-            assert a.dtype == b.dtype and torch.equal(a, b), field.name
 
 
 def pipeline_threads() -> list[str]:
