@@ -129,3 +129,16 @@ def test_sigterm_saves_then_resume_finishes(beton, tmp_path):
     steps = [r["step"] for r in read_metrics(tmp_path / "run")]
     assert steps[-2:] == [stopped_at + 1, stopped_at + 2], (output[-3000:], resume.stdout[-3000:] + resume.stderr[-3000:])
     assert steps == list(range(1, stopped_at + 3))
+
+
+@pytest.mark.slow
+def test_start_over_in_a_used_run_folder_keeps_its_new_latest(beton, tmp_path):
+    """checkpoint.resume=none in a folder that holds a later checkpoint of the earlier run: keep-last-K counts
+    only the checkpoints up to the new one, so it never deletes the new `latest` (the later one stays)."""
+    root = tmp_path / "run" / "checkpoints"
+    overrides = ["checkpoint.every_steps=2", "checkpoint.keep_last=1"]
+    _train(tiny_config(tmp_path, beton, tmp_path / "run", [*overrides, "schedule.max_steps=4"]))
+    assert [p.name for p in list_checkpoints(root)] == ["step_00000004"]
+    _train(tiny_config(tmp_path, beton, tmp_path / "run", [*overrides, "schedule.max_steps=2", "checkpoint.resume=none"]))
+    assert find_checkpoint(root, "auto").name == "step_00000002"
+    assert [p.name for p in list_checkpoints(root)] == ["step_00000002", "step_00000004"]

@@ -1,0 +1,150 @@
+"""A checkpoint that cannot be written stops the run with one line; the previous checkpoint stays `latest`.
+
+The failures are injected at the point of writing (torch.save or os.rename raising the OSError a full
+disk or a failing device raises) while `train.main.main` runs, so the whole path is covered: DeepSpeed's
+own files, ours, the publishing rename, the CLI's one-line error and exit code, the cleanup, and a
+relaunch that resumes from the kept checkpoint. With two gloo ranks, a write that fails on rank 1 only
+must stop both ranks with that same line (not leave rank 0 waiting at a barrier, nor kill it with a
+connection error).
+"""
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_train_support import make_tiny_beton, read_metrics, write_tiny_config
+from train.checkpoint import LATEST, list_checkpoints
+
+REPO = Path(__file__).resolve().parent.parent
+LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # set by in-process runs
+
+
+@pytest.fixture(scope="module")
+def beton(tmp_path_factory):
+    return make_tiny_beton(tmp_path_factory.mktemp("data"))
+
+
+def fail_torch_save(monkeypatch, fragment: str, code: int) -> None:
+    """torch.save raises OSError(code) for a target whose path contains `fragment` (DeepSpeed's writes included)."""
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if fragment in str(getattr(f, "name", f)):
+            raise OSError(code, os.strerror(code))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+def fail_rename(monkeypatch, function: str, fragment: str, code: int, after: str = "") -> None:
+    """os.rename or os.replace raises OSError(code) when moving a path that contains `fragment` (once the
+    path `after` exists, if given)."""
+    real = getattr(os, function)
+
+    def move(src, dst, *args, **kwargs):
+        if fragment in str(src) and (not after or Path(str(src)).with_name(after).exists()):
+            raise OSError(code, os.strerror(code))
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, function, move)
+
+
+FAILURES = {  # name: (inject, the path the message must name, the cause it must give)
+    "trainer.pt": (lambda mp: fail_torch_save(mp, ".tmp-step_00000004/trainer.pt", errno.ENOSPC),
+                   ".tmp-step_00000004/trainer.pt", "[Errno 28] No space left on device"),
+    "deepspeed model states": (lambda mp: fail_torch_save(mp, "step_00000004/engine/mp_rank_00_model_states.pt", errno.ENOSPC),
+                               ".tmp-step_00000004/engine/mp_rank_00_model_states.pt", "[Errno 28] No space left on device"),
+    "rename": (lambda mp: fail_rename(mp, "rename", ".tmp-step_00000004", errno.EIO),
+               "step_00000004", "[Errno 5] Input/output error"),
+    "latest": (lambda mp: fail_rename(mp, "replace", "checkpoints/latest.tmp", errno.EIO, after="step_00000004"),
+               "latest", "[Errno 5] Input/output error"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("failure", list(FAILURES))
+def test_unwritable_checkpoint_stops_with_one_line_and_keeps_latest(beton, tmp_path, monkeypatch, capsys, failure):
+    from train.main import main
+
+    inject, path, cause = FAILURES[failure]
+    config = write_tiny_config(tmp_path, beton, tmp_path / "run", schedule={"max_steps": 4},
+                               checkpoint={"every_steps": 2}, model={"drop_path_rate": 0.0})
+    root = tmp_path / "run" / "checkpoints"
+    with monkeypatch.context() as patch:
+        inject(patch)
+        assert main(["--config", str(config)]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if "checkpoint error" in line]
+    assert errors == [f"checkpoint error: cannot write {root}/{path}: {cause}; the last complete checkpoint "
+                      f"{root}/step_00000002 is kept (latest); a relaunch resumes from it"]
+    assert (root / LATEST).read_text().strip() == "step_00000002"
+    assert [p.name for p in list_checkpoints(root)] == ["step_00000002"]
+    assert sorted(p.name for p in root.iterdir()) == [LATEST, "step_00000002"]  # no .tmp-*, no step_4, no latest.tmp
+
+    assert main(["--config", str(config)]) == 0  # the relaunch resumes from step 2 and saves step 4
+    assert (root / LATEST).read_text().strip() == "step_00000004"
+    records = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 3, 4]
+    assert [r["loss"] for r in records[4:]] == [r["loss"] for r in records[2:4]]  # exact resume
+
+
+WORKER = """
+import os, resource, signal, sys
+import train.loop as loop
+from train.main import main
+
+real_step = loop.train_step
+
+def train_step(engine, group_kinds, teacher, losses, views, state, values, **kwargs):
+    parts = real_step(engine, group_kinds, teacher, losses, views, state, values, **kwargs)
+    if os.environ["RANK"] == "1" and state.step + 1 == 4:  # rank 1, before the step-4 checkpoint
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))  # its ~760 kB optimizer shard cannot be written
+    return parts
+
+loop.train_step = train_step
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_write_failure_on_one_rank_stops_every_rank_with_the_same_line(beton, tmp_path):
+    """Rank 1 fails inside DeepSpeed's save (a real failed write: RLIMIT_FSIZE); rank 0 wrote everything.
+    Both ranks must stop with rank 1's failure, named by its errno (torch.save alone would hide it).
+
+    collective_timeout_s=60: if a rank were left waiting at a barrier, it would time out (a gloo error,
+    not this message) instead of hanging the suite."""
+    config = write_tiny_config(tmp_path, beton, tmp_path / "run", schedule={"max_steps": 4}, checkpoint={"every_steps": 2},
+                               collective_timeout_s=60)
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2")
+    ranks = [subprocess.Popen([sys.executable, str(worker), "--config", str(config)], cwd=REPO, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    try:
+        outputs = [rank.communicate(timeout=240) for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()  # only if still running (a hang): never leave them behind
+    root = tmp_path / "run" / "checkpoints"
+    expected = (f"checkpoint error: cannot write {root}/.tmp-step_00000004/engine/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt: "
+                f"[Errno 27] File too large (rank 1); the last complete checkpoint {root}/step_00000002 is kept "
+                f"(latest); a relaunch resumes from it")
+    for rank, (stdout, stderr) in zip(ranks, outputs):
+        assert rank.returncode == 1, stderr[-3000:]
+        assert [line for line in stderr.splitlines() if "checkpoint error" in line] == [expected], stderr[-3000:]
+    assert (root / LATEST).read_text().strip() == "step_00000002"
+    assert sorted(p.name for p in root.iterdir()) == [LATEST, "step_00000002"]
