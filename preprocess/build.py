@@ -9,9 +9,15 @@ Decisions:
 - Parallelism: a `multiprocessing.Pool` of `workers` processes feeding one writer in the parent
   (measured against FFCV's own writer in benchmarks/preprocess.md); `workers=1` runs in-process.
 - Atomic output: everything is written under `<name>.partial-<pid>` names, then renamed in this
-  order: skipped report, manifest, `.beton` last (after deleting an old `.beton` when overwriting).
-  Any exception, including KeyboardInterrupt (and SIGTERM through the CLI), deletes the partial
-  files. A SIGKILL can leave `*.partial-<pid>` files behind; they never carry the final name.
+  order: skipped report, extra sidecars (a mosaic set's masks), manifest, `.beton` last, after
+  deleting an old `.beton` when overwriting. Any exception, including KeyboardInterrupt (and SIGTERM
+  through the CLI), deletes the partial files; one raised during the renames also deletes the files
+  of the dataset's names (new or old) unless the new `.beton` made it into place.
+  So a failed build leaves either the old dataset whole (it failed before the renames) or no file of
+  the dataset's names, and a `.beton` never exists without its manifest. A SIGKILL can leave
+  `*.partial-<pid>` files behind; they never carry the final name.
+- `write_beton` is the writer behind `build_ffcv` and `preprocess build-mosaics` (`preprocess.mosaics`):
+  any listed `Source` (files or in-memory pixels), extra manifest keys, extra sidecar files.
 - An output whose parent folder does not exist gets it created.
 """
 from __future__ import annotations
@@ -29,6 +35,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from multiprocessing import Pool
 from pathlib import Path
+from typing import Callable
 
 from PIL import Image
 from tqdm import tqdm
@@ -127,7 +134,7 @@ def _partial_name(path: Path) -> Path:
     return path.with_name(f"{path.name}.partial-{os.getpid()}")
 
 
-def _check_output(out_path: Path, overwrite: bool) -> None:
+def check_output(out_path: Path, overwrite: bool) -> None:
     if out_path.suffix != ".beton":
         raise BuildError(f"{out_path}: the output name must end in .beton")
     if out_path.is_dir():
@@ -150,15 +157,29 @@ def build_ffcv(source, out_path, *, workers=1, max_resolution=None, resize_side=
     """Write `out_path` (.beton) plus its manifest and skipped report from `source`; see module doc."""
     options = EncodeOptions(max_resolution, resize_side, jpeg_quality, max_bytes=page_size)
     options.validate()
+    check_workers(workers)
+    out_path = Path(out_path)
+    check_output(out_path, overwrite)
+    listed = open_source(source, source_kind, split)
+    return write_beton(listed, out_path, options, workers=workers, page_size=page_size, show_progress=show_progress)
+
+
+def check_workers(workers: int) -> None:
     if workers < 1:
         raise ValueError(f"workers: must be >= 1, got {workers}")
-    out_path = Path(out_path)
-    _check_output(out_path, overwrite)
-    listed = open_source(source, source_kind, split)
+
+
+def write_beton(listed: Source, out_path: Path, options: EncodeOptions, *, workers: int = 1,
+                page_size: int = DEFAULT_PAGE_SIZE, show_progress: bool = False, manifest_extra: dict | None = None,
+                sidecars: list[tuple[Path, Callable[[Path, BuildReport], None]]] = ()) -> BuildReport:
+    """Store `listed`'s items in `out_path` (already passed `check_output`) with its manifest (`manifest_extra`
+    keys added or replaced), its skipped report and `sidecars`: (final path, write(partial path, report)),
+    called once every record is stored. Atomic, see the module doc."""
     manifest_path, skipped_path = sidecar_paths(out_path)
     report = BuildReport(out_path, manifest_path, skipped_path, num_candidates=len(listed.items))
     report.skipped = list(listed.rejected)
-    partials = [_partial_name(p) for p in (out_path, manifest_path, skipped_path)]
+    finals = [out_path, manifest_path, skipped_path, *(path for path, _ in sidecars)]
+    partials = [_partial_name(p) for p in finals]
     start = time.perf_counter()
     writer = None
     pool = Pool(workers, initializer=_worker_signals) if workers > 1 else None  # before any output exists
@@ -172,10 +193,13 @@ def build_ffcv(source, out_path, *, workers=1, max_resolution=None, resize_side=
         _write_skipped(partials[2], report.skipped)
         if not report.num_written:
             os.replace(partials[2], skipped_path)
-            raise NothingWrittenError(f"{source}: nothing written, all {report.num_skipped} inputs were "
+            raise NothingWrittenError(f"{listed.path}: nothing written, all {report.num_skipped} inputs were "
                                       f"skipped (reasons in {skipped_path})")
-        partials[1].write_text(json_dumps(_manifest(listed, options, workers, page_size, labels, report)))
-        _commit(partials, [out_path, manifest_path, skipped_path])
+        for (_, write), partial in zip(sidecars, partials[3:]):
+            write(partial, report)
+        manifest = {**_manifest(listed, options, workers, page_size, labels, report), **(manifest_extra or {})}
+        partials[1].write_text(json_dumps(manifest))
+        _commit(partials, finals)
     except BaseException:
         if writer is not None:
             writer.abort()
@@ -220,13 +244,20 @@ def _write_skipped(path: Path, skipped: list[tuple[str, str]]) -> None:
 
 
 def _commit(partials: list[Path], finals: list[Path]) -> None:
-    """Rename into place; the .beton goes last so it never appears before its manifest."""
-    beton_partial, manifest_partial, skipped_partial = partials
-    beton, manifest, skipped = finals
-    beton.unlink(missing_ok=True)  # when overwriting: no old .beton beside the new manifest
-    os.replace(skipped_partial, skipped)
-    os.replace(manifest_partial, manifest)
-    os.replace(beton_partial, beton)
+    """Rename into place: skipped report and other sidecars, manifest, `.beton` last (finals[0]), so the
+    `.beton` never appears before its manifest. A failure before the `.beton` is in place removes the
+    files of these names (old ones replaced or not), so none is left without its `.beton`."""
+    beton, manifest, *others = finals
+    beton.unlink(missing_ok=True)  # when overwriting: no old .beton beside a new manifest
+    order = list(zip(partials[2:], others)) + [(partials[1], manifest), (partials[0], beton)]
+    try:
+        for partial, final in order:
+            os.replace(partial, final)
+    except BaseException:
+        if not beton.exists():  # the dataset did not make it: no manifest or sidecar without its .beton
+            for path in finals[1:]:
+                path.unlink(missing_ok=True)
+        raise
 
 
 def _manifest(listed: Source, options: EncodeOptions, workers: int, page_size: int, labels: Counter,

@@ -74,7 +74,7 @@ def test_signal_during_build_removes_partial_files(tmp_path, workers, signal_num
         time.sleep(0.02)
     assert child.poll() is None, "the build finished before it could be interrupted"
     child.send_signal(signal_number)
-    assert child.wait(timeout=20) == 128 + signal_number
+    assert child.wait(timeout=60) == 128 + signal_number  # generous: a loaded 2-core box is slow to reap a pool
     assert list((tmp_path / "out").iterdir()) == []
 
 
@@ -162,3 +162,88 @@ def test_cli_help_explains_the_arguments():
         beton = next(action for action in commands[name]._actions if action.dest == "beton")
         assert ".beton file" in beton.help
     assert "CRC32" in commands["verify"].format_help()
+
+
+def watch_renames(monkeypatch, out_folder: Path, fail_at: int = 0) -> list:
+    """Wrap os.replace: record (target name, folder listing before the call) for each rename into `out_folder`,
+    raise an injected OSError on the `fail_at`-th one, and after each rename check that a `.beton` in the folder
+    opens with its manifest (never a `.beton` without a matching manifest, at any moment)."""
+    original, seen = os.replace, []
+
+    def replace(source, target):
+        if Path(target).parent != out_folder:
+            return original(source, target)
+        seen.append((Path(target).name, sorted(p.name for p in out_folder.iterdir())))
+        if len(seen) == fail_at:
+            raise OSError(errno.EIO, "Input/output error (injected)")
+        original(source, target)
+        for beton in out_folder.glob("*.beton"):
+            open_beton(beton)  # raises BetonError without its manifest, or with another build's
+    monkeypatch.setattr(os, "replace", replace)
+    return seen
+
+
+def test_renames_put_the_beton_last(tmp_path, monkeypatch):
+    imagefactory.make_image_folder(tmp_path / "src", num_classes=2, per_class=2)
+    (tmp_path / "out").mkdir()
+    seen = watch_renames(monkeypatch, tmp_path / "out")
+    build_ffcv(tmp_path / "src", tmp_path / "out" / "set.beton")
+    assert [target for target, _ in seen] == ["set.skipped.tsv", "set.manifest.json", "set.beton"]
+    seen.clear()
+    build_ffcv(tmp_path / "src", tmp_path / "out" / "set.beton", overwrite=True, max_resolution=20)
+    assert [target for target, _ in seen] == ["set.skipped.tsv", "set.manifest.json", "set.beton"]
+    assert "set.beton" not in seen[0][1]  # the old .beton went before any new file took a final name
+    assert open_beton(tmp_path / "out" / "set.beton").manifest["options"]["max_resolution"] == 20
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("fail_at", [1, 2, 3])
+def test_a_build_failing_at_its_renames_leaves_no_file_of_any_kind(tmp_path, monkeypatch, fail_at, overwrite):
+    imagefactory.make_image_folder(tmp_path / "src", num_classes=2, per_class=2)
+    (tmp_path / "src" / "class_0" / "broken.jpg").write_bytes(b"")  # a non-empty skipped list
+    out = tmp_path / "out"
+    out.mkdir()
+    if overwrite:
+        build_ffcv(tmp_path / "src", out / "set.beton")
+    seen = watch_renames(monkeypatch, out, fail_at=fail_at)
+    with pytest.raises(OSError, match="injected"):
+        build_ffcv(tmp_path / "src", out / "set.beton", overwrite=overwrite)
+    first_target, before = seen[0]
+    assert first_target == "set.skipped.tsv" and all(  # it failed late: every partial had been written
+        any(name.startswith(f"set.{kind}.partial-") for name in before) for kind in ("beton", "manifest.json", "skipped.tsv"))
+    assert list(out.iterdir()) == []  # no partial, no manifest or skipped list without its .beton, no old half
+
+
+def test_a_build_failing_while_writing_its_manifest_leaves_no_partial(tmp_path, monkeypatch):
+    imagefactory.make_image_folder(tmp_path / "src", num_classes=2, per_class=2)
+    build_ffcv(tmp_path / "src", tmp_path / "set.beton")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    original = Path.write_text
+
+    def write_text(path, text, *args, **kwargs):
+        if ".manifest.json.partial-" in path.name:
+            assert any(p.name.startswith("set.beton.partial-") for p in tmp_path.iterdir())
+            assert any(p.name.startswith("set.skipped.tsv.partial-") for p in tmp_path.iterdir())
+            original(path, text[: len(text) // 2], *args, **kwargs)  # half written, then the disk fills up
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(path, text, *args, **kwargs)
+    monkeypatch.setattr(Path, "write_text", write_text)
+    with pytest.raises(OSError, match="No space left"):
+        build_ffcv(tmp_path / "src", tmp_path / "set.beton", overwrite=True, max_resolution=20)
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    assert after == before  # the old dataset whole, nothing partial beside it
+
+
+def test_an_interrupt_right_after_the_last_rename_keeps_the_complete_dataset(tmp_path, monkeypatch):
+    imagefactory.make_image_folder(tmp_path / "src", num_classes=2, per_class=2)
+    original = os.replace
+
+    def replace(source, target):
+        original(source, target)
+        if Path(target).suffix == ".beton":
+            raise KeyboardInterrupt  # Ctrl-C as the last rename returns
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        build_ffcv(tmp_path / "src", tmp_path / "set.beton")
+    assert len(open_beton(tmp_path / "set.beton")) == 4  # the finished dataset stays, with its manifest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set.beton", "set.manifest.json", "set.skipped.tsv", "src"]
