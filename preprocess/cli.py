@@ -1,4 +1,4 @@
-"""The `preprocess` command: build-ffcv, inspect, verify.
+"""The `preprocess` command: build-ffcv, build-mosaics, inspect, verify.
 
 Exit codes: 0 success; 1 the work ran but failed (nothing written, records failing verify);
 2 bad input (missing/empty source, existing output without --overwrite, unwritable output,
@@ -20,6 +20,7 @@ import threading
 from preprocess.beton import BetonError
 from preprocess.build import TOOL_VERSION, BuildError, NothingWrittenError, OutputExistsError, build_ffcv
 from preprocess.check import format_inspection, inspect_beton, verify_beton
+from preprocess.mosaics import MosaicSpec, build_mosaics
 from preprocess.sources import SourceError
 
 logger = logging.getLogger("preprocess")
@@ -49,6 +50,34 @@ def build_parser() -> argparse.ArgumentParser:
                           help="show a progress bar (default: only on a terminal)")
     progress.add_argument("--no-progress", dest="progress", action="store_false")
 
+    mosaics = commands.add_parser(
+        "build-mosaics", help="IDX items -> PREFIX-train/-val.beton mosaics with per-pixel masks (a dense task)",
+        description="Canvases with several IDX items (Fashion-MNIST) at random positions and scales; train "
+                    "mosaics from the train split, val mosaics from the test split; per-pixel labels "
+                    "(0 = background, c + 1 = class c; later items on top) in PREFIX-{train,val}.masks.npy.")
+    mosaics.add_argument("source", help="IDX folder (MNIST / Fashion-MNIST layout: train-* and t10k-* files)")
+    mosaics.add_argument("out_prefix", help="writes OUT_PREFIX-train.beton and OUT_PREFIX-val.beton (+ manifest, "
+                                            "skipped report and .masks.npy beside each)")
+    mosaics.add_argument("--train-count", type=int, required=True, help="mosaics made from the train split")
+    mosaics.add_argument("--val-count", type=int, required=True, help="mosaics made from the test split")
+    spec = MosaicSpec()
+    mosaics.add_argument("--size", type=int, default=spec.size,
+                         help=f"canvas side in pixels; make it a multiple of the model's patch size (default: {spec.size})")
+    mosaics.add_argument("--items", type=int, nargs=2, metavar=("MIN", "MAX"), default=None,
+                         help=f"items per canvas (default: {spec.min_items} {spec.max_items})")
+    mosaics.add_argument("--item-sides", type=int, nargs=2, metavar=("MIN", "MAX"), default=None,
+                         help="item side after resizing, pixels (default: 3/8 and 5/8 of --size: 24 40 at 64)")
+    mosaics.add_argument("--threshold", type=int, default=spec.threshold,
+                         help=f"an item's pixels are those with grey value >= this, 1-255 (default: {spec.threshold})")
+    mosaics.add_argument("--seed", type=int, default=0, help="same seed, same mosaics (default: 0)")
+    mosaics.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality, 1-95 (default: 95)")
+    mosaics.add_argument("--workers", type=int, default=1, help="encoding processes (default: 1)")
+    mosaics.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    mosaic_progress = mosaics.add_mutually_exclusive_group()
+    mosaic_progress.add_argument("--progress", dest="progress", action="store_true", default=None,
+                                 help="show a progress bar (default: only on a terminal)")
+    mosaic_progress.add_argument("--no-progress", dest="progress", action="store_false")
+
     inspect = commands.add_parser("inspect", help="counts, classes, size histogram, bytes per image")
     inspect.add_argument("beton", help="the .beton file (its X.manifest.json must be beside it)")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -73,6 +102,20 @@ def run_build(args: argparse.Namespace) -> int:
         print(f"  skipped {name}: {reason}")
     if report.num_skipped > 10:
         print(f"  ... {report.num_skipped - 10} more in {report.skipped_path}")
+    return 0
+
+
+def run_build_mosaics(args: argparse.Namespace) -> int:
+    default = MosaicSpec()
+    items = args.items or (default.min_items, default.max_items)
+    sides = args.item_sides or (max(1, round(args.size * 3 / 8)), max(1, round(args.size * 5 / 8)))
+    spec = MosaicSpec(args.size, *items, *sides, threshold=args.threshold)
+    show_progress = sys.stderr.isatty() if args.progress is None else args.progress
+    reports = build_mosaics(args.source, args.out_prefix, train_count=args.train_count, val_count=args.val_count,
+                            spec=spec, seed=args.seed, jpeg_quality=args.jpeg_quality, workers=args.workers,
+                            overwrite=args.overwrite, show_progress=show_progress)
+    for report in reports.values():
+        print(report.summary())
     return 0
 
 
@@ -105,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_on_sigterm) if in_main_thread else None
-    commands = {"build-ffcv": run_build, "inspect": run_inspect, "verify": run_verify}
+    commands = {"build-ffcv": run_build, "build-mosaics": run_build_mosaics, "inspect": run_inspect,
+                "verify": run_verify}
     try:
         code = commands[args.command](args)
         sys.stdout.flush()  # here, so a closed pipe is handled below and not at interpreter exit
@@ -127,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"preprocess: error: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # e.g. the disk filled up while writing
-        where = "" if error.filename else f"{getattr(args, 'out', None) or args.beton}: "
+        where = "" if error.filename else f"{getattr(args, 'out', None) or getattr(args, 'out_prefix', None) or args.beton}: "
         print(f"preprocess: error: {where}{error}", file=sys.stderr)
         return 1
     finally:
