@@ -13,7 +13,7 @@ from torch.utils._pytree import tree_leaves
 from model.losses import LossState
 from model.methods.adclr import AdclrConfig, AdclrLoss
 from model.methods.common import masked_mean, teacher_temperature
-from model.methods.dino import DinoConfig, DinoLoss
+from model.methods.dino import DinoConfig, DinoLoss, pairwise_collapse_stats, pairwise_distillation
 from model.methods.flsl import FlslConfig, FlslLoss, mean_shift, window_query_index
 from model.methods.regioncl import RegionClConfig, RegionClLoss, paste_box_mask
 from model.methods.selfpatch import NEIGHBOUR_OFFSETS, SelfPatchConfig, SelfPatchLoss, neighbour_candidates, select_neighbours
@@ -231,6 +231,19 @@ def test_dino_backward_allocations_do_not_grow_with_the_number_of_pairs():
             out["dino"].backward()
         full_size_allocations.append(sum(size >= student.numel() for size in fresh.sizes))
     assert full_size_allocations[0] == full_size_allocations[1] <= 6, full_size_allocations
+
+
+def test_pairwise_kl_weights_each_teacher_view_by_its_pairs():
+    """3 teacher views, 2 student views: views 0 and 1 skip their own crop (1 pair each), view 2 has 2 pairs."""
+    generator = torch.Generator().manual_seed(11)
+    targets = torch.softmax(torch.randn(3, 2, 5, generator=generator) / 0.3, dim=-1)
+    student = torch.randn(2, 2, 5, generator=generator)
+    loss = pairwise_distillation(targets, student, 0.1)
+    stats = pairwise_collapse_stats("x", targets, 2, loss)
+    log_q = torch.log_softmax(student.double() / 0.1, dim=-1)
+    pairs = [(a, v) for a in range(3) for v in range(2) if a != v]
+    kl = sum((targets[a].double() * (targets[a].double().log() - log_q[v])).sum(-1).mean() for a, v in pairs) / len(pairs)
+    assert stats["x/kl"].item() == pytest.approx(kl.item(), abs=1e-5)
 
 
 def test_adclr_loss_matches_loops():

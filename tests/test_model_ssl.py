@@ -1,4 +1,5 @@
 """SSLModel + build_losses end to end on a tiny ViT: every method and their combination."""
+import contextlib
 import copy
 import math
 
@@ -249,24 +250,12 @@ def test_forward_and_losses_make_no_host_sync_ops():
     """CPU stand-in for the GPU sync-debug test: after a first step (caches built), no op that reads a device
     value on the host (item/bool: `_local_scalar_dense`, `nonzero`, boolean-mask indexing) and no Python data
     turned into a tensor (`lift_fresh`: on CUDA a pageable host copy), on log steps and between them."""
-    names = ["dino", "adclr", "selfpatch", "regioncl", "flsl"]
-    student, teacher, losses = build(names)
+    models = build(["dino", "adclr", "selfpatch", "regioncl", "flsl"])
     views = make_views()
-
-    def step(collect_stats):
-        with torch.no_grad():
-            teacher_out = teacher(views, "teacher")
-        student_out = student(views, "student")
-        with torch.no_grad():
-            teacher_out = teacher.complete_teacher(teacher_out, student_out)
-        out = losses(student_out, teacher_out, views, LossState(epoch=0.5, step=5, collect_stats=collect_stats))
-        out["loss"].backward()
-        return out
-
-    step(False)
+    one_step(*models, views, collect_stats=False)
     for collect_stats in (False, True):
         with SyncOps() as recorded:
-            out = step(collect_stats)
+            out = one_step(*models, views, collect_stats)
         assert not recorded.ops, recorded.ops
         assert ("dino/kl" in out) == collect_stats
 
@@ -275,29 +264,30 @@ def test_forward_and_losses_make_no_host_sync_ops():
 def test_cuda_forward_and_losses_make_no_host_sync():
     """Every method on CUDA under bf16 autocast, after a first step: `set_sync_debug_mode("error")` raises on any
     synchronizing call (item, nonzero, pageable host copies) in forward, second teacher stage, losses, backward."""
-    names = ["dino", "adclr", "selfpatch", "regioncl", "flsl"]
-    student, teacher, losses = build(names)
-    student, teacher, losses = student.cuda(), teacher.cuda().eval(), losses.cuda()
+    student, teacher, losses = build(["dino", "adclr", "selfpatch", "regioncl", "flsl"])
+    models = student.cuda(), teacher.cuda().eval(), losses.cuda()
     views = make_views().to("cuda")
-
-    def step(collect_stats):
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-            teacher_out = teacher(views, "teacher")
-        student_out = student(views, "student")
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-            teacher_out = teacher.complete_teacher(teacher_out, student_out)
-        out = losses(student_out, teacher_out, views, LossState(epoch=0.5, step=5, collect_stats=collect_stats))
-        out["loss"].backward()
-        return out
-
-    step(True)
+    autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
+    one_step(*models, views, collect_stats=True, autocast=autocast)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        step(False)
-        step(True)
+        one_step(*models, views, collect_stats=False, autocast=autocast)
+        one_step(*models, views, collect_stats=True, autocast=autocast)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def one_step(student, teacher, losses, views, collect_stats, autocast=contextlib.nullcontext):
+    """train_step's order without the optimizer: teacher, student, second teacher stage, losses, backward."""
+    with torch.no_grad(), autocast():
+        teacher_out = teacher(views, "teacher")
+    student_out = student(views, "student")
+    with torch.no_grad(), autocast():
+        teacher_out = teacher.complete_teacher(teacher_out, student_out)
+    out = losses(student_out, teacher_out, views, LossState(epoch=0.5, step=5, collect_stats=collect_stats))
+    out["loss"].backward()
+    return out
 
 
 class SyncOps(TorchDispatchMode):

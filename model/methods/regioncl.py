@@ -84,14 +84,14 @@ class RegionClLoss(nn.Module):
         loss = torch.stack(terms).mean()
         parts = {"regioncl": loss}
         if state.collect_stats:
-            parts.update(self._collapse_stats([targets[g] for g in target_views], swap.partner, loss))
+            parts.update(self._collapse_stats([targets[g] for g in target_views], loss))
         ema_center_(self.center, teacher_logits, self.cfg.center_momentum)
         return parts
 
     @torch.no_grad()
-    def _collapse_stats(self, targets: list[Tensor], partner: Tensor, loss: Tensor) -> dict[str, Tensor]:
-        """targets: [B, K] per target view. Each view's rows enter the loss twice, permuted by `partner`
-        (paste) and as they are (canvas): the pair-weighted entropy averages both."""
+    def _collapse_stats(self, targets: list[Tensor], loss: Tensor) -> dict[str, Tensor]:
+        """targets: [B, K] per target view. Each view's rows enter the loss twice, as they are (canvas) and
+        permuted by the partner permutation (paste), so every term's mean entropy is the view's mean."""
         row_entropy = [entropy(view_targets) for view_targets in targets]  # [B] each
-        paired = torch.stack([(h[partner].mean() + h.mean()) / 2 for h in row_entropy]).mean()
+        paired = torch.stack([h.mean() for h in row_entropy]).mean()
         return collapse_stats("regioncl", targets, row_entropy, loss, paired)
