@@ -1,29 +1,25 @@
 """A checkpoint that cannot be written stops the run with one line; the previous checkpoint stays `latest`.
 
-The failures are injected at the point of writing (torch.save or os.rename raising the OSError a full
-disk or a failing device raises) while `train.main.main` runs, so the whole path is covered: DeepSpeed's
-own files, ours, the publishing rename, the CLI's one-line error and exit code, the cleanup, and a
-relaunch that resumes from the kept checkpoint. With two gloo ranks, a write that fails on rank 1 only
-must stop both ranks with that same line (not leave rank 0 waiting at a barrier, nor kill it with a
-connection error).
+In one process, the failures are injected at the point of writing (torch.save, os.rename or os.replace
+raising the OSError of a full disk or a failing device) while `train.main.main` runs, so the whole path
+is covered: DeepSpeed's own files, ours, the publishing rename, the `latest` update, the CLI's one-line
+error and exit code, the cleanup, and a relaunch that resumes exactly from the kept checkpoint. With two
+gloo ranks, a real write fails on rank 1 only (RLIMIT_FSIZE: EFBIG from the kernel, through the real
+torch.save inside DeepSpeed): both ranks must stop with that same line, rather than rank 0 waiting at a
+barrier or dying of a closed connection.
 """
 from __future__ import annotations
 
 import errno
 import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from test_multinode import finish, spawn_single_node
 from test_train_support import make_tiny_beton, read_metrics, write_tiny_config
 from train.checkpoint import LATEST, list_checkpoints
-
-REPO = Path(__file__).resolve().parent.parent
-LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # set by in-process runs
 
 
 @pytest.fixture(scope="module")
@@ -113,12 +109,6 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_write_failure_on_one_rank_stops_every_rank_with_the_same_line(beton, tmp_path):
     """Rank 1 fails inside DeepSpeed's save (a real failed write: RLIMIT_FSIZE); rank 0 wrote everything.
@@ -130,21 +120,14 @@ def test_write_failure_on_one_rank_stops_every_rank_with_the_same_line(beton, tm
                                collective_timeout_s=60)
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2")
-    ranks = [subprocess.Popen([sys.executable, str(worker), "--config", str(config)], cwd=REPO, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
-    try:
-        outputs = [rank.communicate(timeout=240) for rank in ranks]
-    finally:
-        for rank in ranks:
-            rank.kill()  # only if still running (a hang): never leave them behind
+    ranks = spawn_single_node(worker, config, tmp_path / "record")
+    outputs = finish(ranks, timeout=240)
     root = tmp_path / "run" / "checkpoints"
     expected = (f"checkpoint error: cannot write {root}/.tmp-step_00000004/engine/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt: "
                 f"[Errno 27] File too large (rank 1); the last complete checkpoint {root}/step_00000002 is kept "
                 f"(latest); a relaunch resumes from it")
-    for rank, (stdout, stderr) in zip(ranks, outputs):
-        assert rank.returncode == 1, stderr[-3000:]
-        assert [line for line in stderr.splitlines() if "checkpoint error" in line] == [expected], stderr[-3000:]
+    for rank, output in zip(ranks, outputs):
+        assert rank.returncode == 1, output[-3000:]
+        assert [line for line in output.splitlines() if "checkpoint error" in line] == [expected], output[-3000:]
     assert (root / LATEST).read_text().strip() == "step_00000002"
     assert sorted(p.name for p in root.iterdir()) == [LATEST, "step_00000002"]
