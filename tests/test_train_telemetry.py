@@ -127,3 +127,41 @@ def test_gpu_peaks_spec_and_measured():
         assert peak_flops(device) == 989e12
     measured = measured_matmul_flops(device)
     assert 1e13 < measured < 2e15, measured  # a bf16 matmul on any datacenter GPU; never above the spec x2
+
+
+@pytest.mark.slow
+def test_a_benchmark_stopped_by_sigterm_reports_what_it_measured(beton, tmp_path):
+    """`timeout` ends a benchmark stage with SIGTERM: the figures of the steps measured so far are printed
+    and written (marked interrupted), and no checkpoint is written."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from test_train_support import write_tiny_config
+
+    root = Path(__file__).resolve().parent.parent
+    config = write_tiny_config(tmp_path, beton, tmp_path / "run", schedule={"epochs": 20000})
+    figures_path = tmp_path / "figures.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    process = subprocess.Popen([sys.executable, "train/main.py", "--config", str(config), "--benchmark", "100000",
+                                "--warmup-steps", "0", "--json", str(figures_path)], cwd=root, env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    log = []
+    for line in process.stderr:  # the run is built (the loop's signal handler comes next)
+        log.append(line)
+        if "steps/epoch" in line:
+            break
+    time.sleep(1.0)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    log.append(err)
+    assert process.returncode == 0, "".join(log)[-3000:]
+    figures = json.loads(figures_path.read_text())
+    assert figures["interrupted"] is True and 1 <= figures["steps"] < 100000
+    assert figures["images_per_second"] * figures["step_time_s"] == pytest.approx(4, rel=1e-9)
+    assert f"benchmark: {figures['steps']} steps after warm-up (stopped by a signal)" in out
+    bench_dir = Path(next(line for line in log if "benchmark: writing into" in line).split("writing into ")[1].split(" (not")[0])
+    assert bench_dir.is_dir() and not (bench_dir / "checkpoints").exists()

@@ -94,7 +94,8 @@ def train_loop(run: Run, evaluate=None, benchmark_warmup: int = -1) -> str:
     """Train from `run.step` to `run.total_steps`; returns "done", "stopped" (signal) or raises NonFiniteLoss.
 
     `evaluate(run, epoch)` is called at the end of every epoch (it decides whether to run).
-    `benchmark_warmup >= 0`: no checkpoints; the telemetry interval restarts after that many steps.
+    `benchmark_warmup >= 0`: no checkpoints; the telemetry interval restarts after that many steps; a
+    signal (e.g. `timeout`'s SIGTERM) logs the interval measured so far and stops (one rank).
     """
     cfg, stop = run.cfg, StopSignal()
     nonfinite = torch.zeros((), dtype=torch.bool, device=run.device)
@@ -123,11 +124,14 @@ def train_loop(run: Run, evaluate=None, benchmark_warmup: int = -1) -> str:
                 if run.step == benchmark_warmup:
                     _synchronize(run.device)
                     run.telemetry.restart_interval(run.step)
-                save_now = benchmark_warmup < 0 and _checkpoint_due(run, cfg.checkpoint)
-                if log_now or save_now or (stop.requested and run.world_size == 1):
+                benchmark = benchmark_warmup >= 0
+                save_now = not benchmark and _checkpoint_due(run, cfg.checkpoint)
+                stop_here = stop.requested and run.world_size == 1
+                if log_now or save_now or stop_here:
+                    log_now = log_now or (benchmark and stop_here)  # a stopped benchmark reports what it measured
                     stop_everywhere = _check_and_log(run, parts, nonfinite, stop.requested, checked_from, log_now)
                     checked_from = run.step
-                    if save_now or stop_everywhere:
+                    if save_now or (stop_everywhere and not benchmark):
                         run.last_checkpoint = save_run_checkpoint(run)
                     if stop_everywhere:
                         return "stopped"

@@ -82,8 +82,9 @@ def train(cfg, benchmark_steps: int = 0, warmup_steps: int = 5, json_path: str |
         cfg = benchmark_config(cfg)
     run = build_run(cfg, device, benchmark_steps, warmup_steps)
     if benchmark_steps:
-        train_loop(run, benchmark_warmup=min(warmup_steps, run.total_steps - 1))
-        print_benchmark(run, benchmark_steps, json_path)
+        warmup = min(warmup_steps, run.total_steps - 1)
+        result = train_loop(run, benchmark_warmup=warmup)
+        print_benchmark(run, max(run.step - warmup, 0), json_path, interrupted=result == "stopped")
         run.telemetry.close()
         return "done"
     if run.step >= run.total_steps:
@@ -211,7 +212,7 @@ def final_knn(run) -> dict:
     return results
 
 
-def print_benchmark(run, steps: int, json_path: str | None = None) -> None:
+def print_benchmark(run, steps: int, json_path: str | None = None, interrupted: bool = False) -> None:
     """The benchmark's figures (one telemetry interval: from the end of warm-up to the last step)."""
     record, telemetry = run.telemetry.last, run.telemetry
     if run.rank != 0 or not record:
@@ -219,11 +220,14 @@ def print_benchmark(run, steps: int, json_path: str | None = None) -> None:
     figures = {key: record[key] for key in BENCHMARK_FIGURES}
     figures.update(steps=steps, global_batch=telemetry.images_per_step, world_size=run.world_size, device=str(run.device),
                    flops_per_image=telemetry.flops_per_image, spec_peak_flops=telemetry.peak,
-                   measured_peak_flops=telemetry.measured_peak)
+                   measured_peak_flops=telemetry.measured_peak, interrupted=interrupted,
+                   zero_stage=run.cfg.deepspeed.zero_stage, arch=run.cfg.model.arch, backend=run.cfg.data.backend,
+                   methods=run.cfg.methods.enabled())
     if json_path:
         Path(json_path).write_text(json.dumps(figures, indent=2) + "\n")
     ms = {key: 1000 * record[key] for key in ("step_time_s", "data_wait_s", "views_s", "forward_backward_s", "optimizer_s")}
-    print(f"benchmark: {steps} steps after warm-up, global batch {telemetry.images_per_step}, "
+    print(f"benchmark: {steps} steps after warm-up{' (stopped by a signal)' if interrupted else ''}, "
+          f"global batch {telemetry.images_per_step}, "
           f"{run.world_size} rank(s) on {run.device}\n"
           f"  images/s          {record['images_per_second']:.1f}\n"
           f"  step time         {ms['step_time_s']:.1f} ms (device: forward+backward {ms['forward_backward_s']:.1f} ms, "
