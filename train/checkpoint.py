@@ -238,7 +238,9 @@ def _deferred_write_errors(engine, failures: list[str]):
     So, for the call, the functions through which it writes files are wrapped: the first failure is
     recorded in `failures` instead of raised, the remaining writes of this save are skipped, DeepSpeed
     completes its collectives on every rank, and `_settle` agrees on the failure afterwards. The torch
-    engine's `save` is handed a file instead of a path (`_save_to_file`), so a full disk is named."""
+    engine's `save` is handed a file instead of a path (`_save_to_file`), so a full disk is named.
+    These are all the places DeepSpeed 0.19 writes through; an OSError from any other place reaches
+    `_write_parts`, which raises at once (the other ranks then fail when this process exits)."""
     writer = engine.checkpoint_engine
     real_save, real_makedirs, real_copy = writer.save, writer.makedirs, engine._copy_recovery_script
     through_file = getattr(writer, "name", None) == "TorchCheckpointEngine"  # its save is torch.save(state, path)
