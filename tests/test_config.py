@@ -86,8 +86,10 @@ def test_train_config_errors_name_the_key(tmp_path):
         load_config(path, ["recipe.patch_size=16", "recipe.queries.size=16"])
     with pytest.raises(ConfigError, match=r"data\.dtype: must be 'float32' when deepspeed\.bf16 is False"):
         load_config(path, ["deepspeed.bf16=false"])
-    with pytest.raises(ConfigError, match=r"^methods.adclr|methods"):  # a section's own validate() names its key
+    with pytest.raises(ConfigError, match=r"^methods\.adclr\.weight: must be >= 0, got -1\.0$"):  # from the section's validate()
         load_config(path, ["methods.adclr.weight=-1"])
+    with pytest.raises(ConfigError, match=r"^data\.batch_size: must be positive, got 0$"):
+        load_config(path, ["data.batch_size=0"])
 
 
 def test_main_reports_config_errors_without_traceback(tmp_path, capsys):
@@ -121,12 +123,35 @@ def test_overlay_presets_stack_in_order():
     assert config.optim.lr == 0.00075 and config.deepspeed.gradient_clipping == 0.3
 
 
-@pytest.mark.parametrize("preset", sorted(p.name for p in CONFIGS.glob("*.yaml")))
-def test_every_shipped_preset_loads(preset):
-    overrides = ["data.path=/nonexistent.beton"]
-    config = load_config(CONFIGS / preset, overrides)
-    assert isinstance(config, TrainConfig)
-    assert to_plain(config)["deepspeed"]["zero_stage"] in (0, 1, 2, 3)
+SHIPPED = {  # preset: (arch, enabled methods, ZeRO stage, queries per image, swaps, nested crops, global crop px, epochs)
+    "dino_vit_s16.yaml": ("vit_small_patch16_224", ["dino"], 2, 0, False, False, 224, 100),
+    "adclr_vit_s16.yaml": ("vit_small_patch16_224", ["dino", "adclr"], 2, 10, False, False, 224, 100),
+    "adclr_vit_b16.yaml": ("vit_base_patch16_224", ["dino", "adclr"], 2, 10, False, False, 224, 100),
+    "selfpatch_vit_s16.yaml": ("vit_small_patch16_224", ["dino", "selfpatch"], 2, 0, False, False, 224, 200),
+    "regioncl_vit_s16.yaml": ("vit_small_patch16_224", ["dino", "regioncl"], 2, 0, True, False, 224, 100),
+    "flsl_vit_s16.yaml": ("vit_small_patch16_224", ["flsl"], 2, 0, False, True, 224, 300),
+    "demo_fashion_mnist.yaml": ("vit_tiny_patch16_224", ["dino", "adclr"], 0, 4, False, False, 32, 2),
+    "cpu_smoke.yaml": ("vit_tiny_patch16_224", ["dino"], 2, 0, False, False, 32, 100),  # an overlay, alone
+    "zero3.yaml": ("vit_small_patch16_224", ["dino"], 3, 0, False, False, 224, 100),  # an overlay, alone
+}
+
+
+def test_every_shipped_preset_is_listed():
+    assert sorted(SHIPPED) == sorted(p.name for p in CONFIGS.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", sorted(SHIPPED))
+def test_every_shipped_preset_loads_what_it_says(preset, tmp_path):
+    """Each preset's methods, recipe views, model and ZeRO stage (an `extends:` or recipe-name bug shows)."""
+    config = load_config(CONFIGS / preset, ["data.path=/nonexistent.beton"])
+    arch, methods, zero, queries, swap, nested, global_size, epochs = SHIPPED[preset]
+    assert (config.model.arch, config.methods.enabled(), config.deepspeed.zero_stage) == (arch, methods, zero)
+    assert (config.recipe.queries.count, config.recipe.swap.enabled, config.recipe.nested) == (queries, swap, nested)
+    assert (config.recipe.global_views.size, config.schedule.epochs) == (global_size, epochs)
+    assert config.recipe.patch_size == (8 if arch == "vit_tiny_patch16_224" else 16)
+    if not preset.startswith(("cpu_smoke", "zero3")):
+        assert config.run_dir == f"runs/{preset.removesuffix('.yaml')}"
+    assert load_config(save_config(config, tmp_path)) == config  # the saved config reloads to the same run
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -1,4 +1,5 @@
-"""Export: the teacher backbone as safetensors that timm loads (pretrained_cfg_overlay and load_state_dict)."""
+"""Export: the teacher backbone as safetensors that timm loads (pretrained_cfg_overlay and load_state_dict),
+with the teacher's exact features at the training size and at another input size."""
 from __future__ import annotations
 
 import json
@@ -39,6 +40,9 @@ def test_exported_teacher_loads_in_timm_with_identical_features(tmp_path, capsys
     assert torch.equal(via_state_dict(images), expected)
     random_init = timm.create_model(metadata["arch"], **kwargs).eval()
     assert not torch.allclose(random_init(images), expected)  # the weights really came from the file
+    other_size = torch.randn(2, 3, 48, 40)  # 6 x 5 patches, not the 4 x 4 of training: position embeddings resampled
+    assert via_overlay(other_size).shape == (2, 64)
+    assert torch.equal(via_overlay(other_size), teacher.features(other_size))
 
 
 def test_export_refuses_a_non_safetensors_name(tmp_path, capsys):

@@ -64,7 +64,24 @@ def read_metrics(run_dir: Path, kind: str = "train") -> list[dict]:
     return [r for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == kind]
 
 
-def test_tiny_preset_is_a_valid_config(tmp_path):
-    config = tiny_config(tmp_path, tmp_path / "x.beton", tmp_path / "run")
-    assert config.model.patch_size == config.recipe.patch_size == 8
-    assert config.data.path == str(tmp_path / "x.beton")
+def test_tiny_preset_is_what_the_trainer_tests_assume(tmp_path):
+    """Every value of TINY_PRESET reaches the config, and a section given to `tiny_config` is merged into
+    the preset's section (its other keys kept), so the trainer tests run the tiny run they describe."""
+    from train.dataclass_yaml import to_plain
+
+    config = tiny_config(tmp_path, tmp_path / "x.beton", tmp_path / "run", ["schedule.max_steps=5"],
+                         methods={"adclr": {"enabled": True}}, recipe={"queries": {"count": 3}})
+    plain = to_plain(config)
+
+    def assert_contains(tree: dict, expected: dict, where: str = "") -> None:
+        for key, value in expected.items():
+            if isinstance(value, dict):
+                assert_contains(tree[key], value, f"{where}{key}.")
+            else:
+                assert tree[key] == value, f"{where}{key}: {tree[key]!r} != {value!r}"
+
+    assert_contains(plain, TINY_PRESET)
+    assert_contains(plain, {"run_dir": str(tmp_path / "run"), "data": {"path": str(tmp_path / "x.beton")},
+                            "methods": {"adclr": {"enabled": True}}, "recipe": {"queries": {"count": 3, "size": 8}},
+                            "schedule": {"max_steps": 5, "epochs": 2}})
+    assert config.methods.enabled() == ["dino", "adclr"] and config.recipe.patch_size == config.model.patch_size == 8
