@@ -45,10 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="side limited by --max-resolution (default: long)")
     build.add_argument("--jpeg-quality", type=int, default=90, help="quality of re-encoded JPEGs, 1-95 (default: 90)")
     build.add_argument("--overwrite", action="store_true", help="replace an existing OUT and its manifest")
-    progress = build.add_mutually_exclusive_group()
-    progress.add_argument("--progress", dest="progress", action="store_true", default=None,
-                          help="show a progress bar (default: only on a terminal)")
-    progress.add_argument("--no-progress", dest="progress", action="store_false")
+    add_progress_flags(build)
 
     mosaics = commands.add_parser(
         "build-mosaics", help="IDX items -> PREFIX-train/-val.beton mosaics with per-pixel masks (a dense task)",
@@ -73,10 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     mosaics.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality, 1-95 (default: 95)")
     mosaics.add_argument("--workers", type=int, default=1, help="encoding processes (default: 1)")
     mosaics.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    mosaic_progress = mosaics.add_mutually_exclusive_group()
-    mosaic_progress.add_argument("--progress", dest="progress", action="store_true", default=None,
-                                 help="show a progress bar (default: only on a terminal)")
-    mosaic_progress.add_argument("--no-progress", dest="progress", action="store_false")
+    add_progress_flags(mosaics)
 
     inspect = commands.add_parser("inspect", help="counts, classes, size histogram, bytes per image")
     inspect.add_argument("beton", help="the .beton file (its X.manifest.json must be beside it)")
@@ -89,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("beton", help="the .beton file (its X.manifest.json must be beside it)")
     verify.add_argument("--workers", type=int, default=1, help="decoding processes (default: 1)")
     return parser
+
+
+def add_progress_flags(parser: argparse.ArgumentParser) -> None:
+    progress = parser.add_mutually_exclusive_group()
+    progress.add_argument("--progress", dest="progress", action="store_true", default=None,
+                          help="show a progress bar (default: only on a terminal)")
+    progress.add_argument("--no-progress", dest="progress", action="store_false")
 
 
 def run_build(args: argparse.Namespace) -> int:

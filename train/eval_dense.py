@@ -175,37 +175,31 @@ def hummingbird_labels(memory_features: torch.Tensor, memory_labels: torch.Tenso
 
 
 def train_patch_probe(features: torch.Tensor, targets: torch.Tensor, *, steps: int, lr: float,
-                      batch_size: int = 1024, seed: int = 0) -> nn.Module:
+                      batch_size: int = 1024, seed: int = 0) -> nn.Linear:
     """A linear layer on standardized features [M, D] fitted to label distributions [M, C] (soft cross-entropy),
-    `steps` AdamW steps on batches drawn epoch by epoch from a seeded permutation, cosine lr."""
+    `steps` AdamW steps on batches drawn epoch by epoch from a seeded permutation, cosine lr; returned with
+    the standardization folded in, so it applies to raw features."""
     mean, std = features.mean(0), features.std(0).clamp_min(1e-6)
+    standardized = (features - mean) / std  # [M, D]
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    linear = nn.Linear(features.shape[1], targets.shape[1]).to(features.device)
-    probe = nn.Sequential(Standardize(mean, std), linear)
-    optimizer = torch.optim.AdamW(linear.parameters(), lr=lr, weight_decay=0.0)
+    probe = nn.Linear(features.shape[1], targets.shape[1]).to(features.device)
+    optimizer = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     batches: list[torch.Tensor] = []
     for _ in range(steps):
         if not batches:  # a new epoch
             batches = list(torch.randperm(len(features), generator=generator).to(features.device).split(batch_size))
         batch = batches.pop(0)
-        loss = torch.sum(-targets[batch] * F.log_softmax(probe(features[batch]), dim=1), dim=1).mean()
+        loss = torch.sum(-targets[batch] * F.log_softmax(probe(standardized[batch]), dim=1), dim=1).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
+    with torch.no_grad():  # W (x - mean) / std + b  ==  (W / std) x + (b - (W / std) mean)
+        probe.weight /= std
+        probe.bias -= probe.weight @ mean
     return probe.eval().requires_grad_(False)
-
-
-class Standardize(nn.Module):
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
-        super().__init__()
-        self.register_buffer("mean", mean)
-        self.register_buffer("std", std)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
 
 
 @torch.no_grad()
@@ -281,23 +275,18 @@ def score_features(features, train: DenseSet, val: DenseSet, settings: DenseEval
                             patch_size=features.patch_size, settings=settings)
 
 
-def as_patch_features(source):
-    """An `SSLModel` (or anything with `.backbone`) -> `BackbonePatches`; `PixelPatches` stays as it is."""
-    return source if isinstance(source, PixelPatches) else BackbonePatches(source)
-
-
 def dense_scores(model, settings: DenseEvalConfig, device: torch.device, *, mean, std) -> dict[str, float]:
     """The trainer's hook: {"hummingbird_miou", "hummingbird_pixel_acc", "linear_miou", "linear_pixel_acc"}
     (percent) of `model` (the teacher; or `PixelPatches(p)`) on `settings`' mosaic sets. Same result on
     every rank (no collectives); `mean`/`std`: the run's `recipe.mean` / `recipe.std`."""
-    features = as_patch_features(model)
-    train, val = load_mosaic_pair(settings, features.patch_size)
-    return score_features(features, train, val, settings, device, mean=mean, std=std)
+    return compare_dense({"model": model}, settings, device, mean=mean, std=std)["model"]
 
 
 def compare_dense(sources: dict, settings: DenseEvalConfig, device: torch.device, *, mean, std) -> dict:
-    """{name: scores} for several feature sources on one loading of the sets, plus "patch_grid_ceiling"."""
-    features = {name: as_patch_features(source) for name, source in sources.items()}
+    """{name: scores} of feature sources (an `SSLModel`: its `BackbonePatches`; or `PixelPatches`) on one
+    loading of the sets, plus "patch_grid_ceiling": {"miou", "pixel_acc"}."""
+    features = {name: source if isinstance(source, PixelPatches) else BackbonePatches(source)
+                for name, source in sources.items()}
     patch_size = next(iter(features.values())).patch_size
     train, val = load_mosaic_pair(settings, patch_size)
     results = {name: score_features(f, train, val, settings, device, mean=mean, std=std) for name, f in features.items()}
