@@ -11,8 +11,8 @@ import imagefactory
 
 from test_train_support import tiny_config, write_tiny_config
 from pipeline.recipe import recipe_preset
-from train.config import TrainConfig, load_config, save_config
-from train.dataclass_yaml import ConfigError, apply_override, build, load_yaml_chain, to_plain
+from train.config import load_config, save_config
+from train.dataclass_yaml import ConfigError, apply_override, build, load_yaml_chain
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

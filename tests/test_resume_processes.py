@@ -4,21 +4,21 @@ step (metrics.jsonl, bit for bit), the same final teacher weights and centres.
 
 CPU, drop-path on, the MFU peak measured (as the `cpu_smoke` overlay does: that measurement drew from
 the global RNG after the restore and shifted the student's drop-path stream), one method mix per run.
-The interrupted run is real processes, forked from one helper process that imported torch, timm and
-DeepSpeed once (a fresh interpreter pays ~10 s of imports here; forking before any computation is safe):
-the first is killed with SIGKILL by a hook as it enters step KILL_AT (one step after the checkpoint, so
-it has already logged a step that the restarted process recomputes); the second resumes from
-`checkpoints/latest` and runs to the end. The four mixes run side by side. The reference run is the
-same config, uninterrupted, in the test's own process.
+The interrupted run is real processes, forked from one pre-warmed interpreter that imported torch, timm
+and DeepSpeed once (benchmarks/gpu/warm_python.py; a fresh interpreter pays ~10 s of imports here): the
+first runs `python3 -c KILLER KILL_AT train/main.py ...`, a hook that sends SIGKILL to its own process as
+it enters step KILL_AT (one step after the checkpoint, so it has already logged a step that the
+restarted process recomputes); the second resumes from `checkpoints/latest` and runs to the end. The
+four mixes run side by side. The reference run is the same config, uninterrupted, in this process.
 Checkpoints every 3 steps, 6 steps per epoch: a kill after step 3 resumes mid-epoch, after step 6 at an
 epoch boundary (where the dino+adclr run also evaluates k-NN, whose DataLoader draws a seed).
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -28,38 +28,20 @@ from test_train_support import make_tiny_beton, read_metrics, write_tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 8
-FORK_SERVER = '''
-import json, os, signal, sys, traceback
-import train.loop, train.main  # torch, timm, DeepSpeed: imported once, nothing computed before the forks
+KILLER = '''
+import os, runpy, signal, sys
+kill_at = int(sys.argv[1])
+import train.loop
 original_step = train.loop.train_step
-
-def start(job):
-    pid = os.fork()
-    if pid:
-        return pid
-    code = 1
-    try:
-        log = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-        os.dup2(log, 1)
-        os.dup2(log, 2)
-        def train_step(*args, **kwargs):
-            if args[5].step == job["kill_at"]:  # args[5]: the LossState of the step about to run
-                os.kill(os.getpid(), signal.SIGKILL)
-            return original_step(*args, **kwargs)
-        train.loop.train_step = train_step
-        code = train.main.main(job["argv"])
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-
-for line in sys.stdin:  # one line = a JSON list of jobs, run side by side; answers {name: exit code}
-    running = {start(job): job["name"] for job in json.loads(line)}
-    codes = {name: os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid, name in running.items()}
-    print("codes", json.dumps(codes), flush=True)
+def train_step(*args, **kwargs):
+    if args[5].step == kill_at:  # args[5]: the LossState of the step about to run
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original_step(*args, **kwargs)
+train.loop.train_step = train_step
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
 '''
+WARM_PYTHON = ROOT / "benchmarks" / "gpu" / "warm_python.py"
 MIXES = {  # name: (overrides, the step a process is killed entering: checkpoint step + 1)
     "dino+adclr": (["methods.adclr.enabled=true", "recipe.queries.count=3", "eval.every_epochs=1"], 7),
     "dino+selfpatch": (["methods.selfpatch.enabled=true"], 4),
@@ -87,28 +69,31 @@ def interrupted_runs(beton, tmp_path_factory):
     """Every mix trained in two forked processes, the first killed; returns {mix: (run dir, exit codes, log)}."""
     root = tmp_path_factory.mktemp("interrupted")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    server = subprocess.Popen([sys.executable, "-c", FORK_SERVER], cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)},
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    jobs = {}
-    for mix, (overrides, _) in MIXES.items():
-        config = mix_config(root, beton, root / mix, overrides)
-        jobs[mix] = {"name": mix, "argv": ["--config", str(config), *overrides], "log": str(root / f"{mix}.log")}
-    codes = {}
+    env["PYTHONPATH"] = str(ROOT)
+    socket_path = root / "warm.sock"
+    server = subprocess.Popen([sys.executable, str(WARM_PYTHON), "serve", str(socket_path)], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    configs = {mix: mix_config(root, beton, root / mix, overrides) for mix, (overrides, _) in MIXES.items()}
+    codes: dict = {mix: {} for mix in MIXES}
     try:
-        for phase, kill in (("killed", True), ("resumed", False)):
-            batch = [{**job, "kill_at": MIXES[mix][1] if kill else -1} for mix, job in jobs.items()]
-            server.stdin.write(json.dumps(batch) + "\n")
-            server.stdin.flush()
-            answer = server.stdout.readline()
-            while answer and not answer.startswith("codes "):  # libraries print on import
-                answer = server.stdout.readline()
-            assert answer, "the fork server died"
-            for mix, code in json.loads(answer[len("codes "):]).items():
-                codes.setdefault(mix, {})[phase] = code
+        for _ in range(1200):
+            if socket_path.exists():
+                break
+            time.sleep(0.1)
+        for phase in ("killed", "resumed"):
+            running = {}
+            for mix, (overrides, kill_at) in MIXES.items():
+                prefix = ["-c", KILLER, str(kill_at)] if phase == "killed" else []
+                with open(root / f"{mix}.log", "a") as log:
+                    running[mix] = subprocess.Popen([sys.executable, str(WARM_PYTHON), "run", str(socket_path), *prefix,
+                                                     "train/main.py", "--config", str(configs[mix]), *overrides],
+                                                    cwd=ROOT, env=env, stdout=log, stderr=log)
+            for mix, process in running.items():
+                codes[mix][phase] = process.wait(timeout=300)
     finally:
-        server.stdin.close()
+        subprocess.run([sys.executable, str(WARM_PYTHON), "stop", str(socket_path)], cwd=ROOT, timeout=60)
         server.wait(timeout=60)
-    return {mix: (root / mix, codes[mix], Path(jobs[mix]["log"]).read_text()) for mix in MIXES}
+    return {mix: (root / mix, codes[mix], (root / f"{mix}.log").read_text()) for mix in MIXES}
 
 
 def final_trainer_state(run_dir: Path) -> dict:
@@ -124,7 +109,7 @@ def test_a_killed_process_resumes_exactly(mix, interrupted_runs, beton, tmp_path
 
     overrides, kill_at = MIXES[mix]
     run_dir, codes, log = interrupted_runs[mix]
-    assert codes == {"killed": -9, "resumed": 0}, log[-3000:]  # -9: SIGKILL
+    assert codes == {"killed": 128 + 9, "resumed": 0}, log[-3000:]  # 128 + 9: killed by SIGKILL
     assert f"(step {kill_at - 1})" in log  # "resumed from .../step_0000000X (step X)"
 
     straight = mix_config(tmp_path, beton, tmp_path / "straight", overrides)

@@ -9,9 +9,9 @@ their tiny work; tests/test_gpu_script.py runs the smoke in the suite, which mus
 machine run.sh calls plain python3 (imports are cheap next to a measurement).
 
 How (decisions): the server forks a child per request (nothing is computed before the fork, so no thread
-pool is inherited), the child takes the client's stdout/stderr (passed over the Unix socket), working
-folder and environment, then runs the module (`-m`), script or `-c` code as `__main__` with the client's
-argv. The client relays SIGTERM/SIGINT to the child (so `timeout` stops the real work) and exits with
+pool is inherited; requests may run side by side, as tests/test_resume_processes.py runs them); the child
+takes the client's stdout/stderr (passed over the Unix socket), working folder and environment, then
+runs the module (`-m`), script or `-c` code as `__main__` with the client's argv. The client relays SIGTERM/SIGINT to the child (so `timeout` stops the real work) and exits with
 the child's exit code (128 + signal when killed, as a shell reports it).
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ def serve(path: str) -> None:
             __import__(name)
         except ImportError:
             pass
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the handlers below are reaped without waiting
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(path)
     server.listen()
@@ -42,16 +42,25 @@ def serve(path: str) -> None:
         request = json.loads(message)
         if request.get("stop"):
             return
-        pid = os.fork()
-        if pid == 0:
+        if os.fork() == 0:  # a handler per request, so that requests run side by side
             server.close()
-            _child(request, fds)
+            _handle(connection, request, fds)
+        connection.close()
         for fd in fds:
             os.close(fd)
-        connection.sendall(f"{pid}\n".encode())
-        _, status = os.waitpid(pid, 0)
-        connection.sendall(f"{os.waitstatus_to_exitcode(status)}\n".encode())
+
+
+def _handle(connection: socket.socket, request: dict, fds: list[int]) -> None:
+    """Fork the worker, tell the client its pid, wait for it, tell the client its exit code."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    pid = os.fork()
+    if pid == 0:
         connection.close()
+        _child(request, fds)
+    connection.sendall(f"{pid}\n".encode())
+    _, status = os.waitpid(pid, 0)
+    connection.sendall(f"{os.waitstatus_to_exitcode(status)}\n".encode())
+    os._exit(0)
 
 
 def _child(request: dict, fds: list[int]) -> None:
