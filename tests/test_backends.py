@@ -361,3 +361,38 @@ def test_gpu_decoders_match_cpu(beton):
         assert batch.canvas.is_cuda
         assert batch.extent.cpu().tolist() == cpu_batch.extent.tolist()
         assert (batch.canvas.cpu().int() - cpu_batch.canvas.int()).abs().float().mean() < 1.0  # nvJPEG vs libjpeg-turbo
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_batched_canvas_matches_the_per_image_resize():
+    """The CUDA path itself (fp16 tensor-core matmuls) on photo-sized images, one over 2 S."""
+    from pipeline.backends.canvas import batched_canvas, images_to_canvas
+
+    cuda = torch.device("cuda")
+    sizes = [(375, 500), (500, 333), (480, 640), (700, 467), (1200, 900), (64, 48)]
+    images = [image.to(cuda) for image in random_images(sizes, seed=1)]
+    targets = [canvas_extent(h, w, 512) for h, w in sizes]
+    canvas = batched_canvas(images, targets, 512, torch.float16)
+    through_api, extent = images_to_canvas(images, 512, cuda)
+    assert torch.equal(canvas, through_api) and extent.cpu().tolist() == [list(t) for t in targets]
+    for i, (image, (height, width)) in enumerate(zip(images, targets)):
+        expected = float_shrink(image, height, width) if (height, width) != tuple(image.shape[1:]) else image
+        difference = (canvas[i, :height, :width].permute(2, 0, 1).int() - expected.int()).abs()
+        assert difference.max() <= 1 and (difference > 0).float().mean() < 0.05, sizes[i]
+        assert canvas[i, height:].sum() == 0 and canvas[i, :, width:].sum() == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_dali_canvas_survives_the_next_run(beton):
+    """feed_ndarray's copy out of DALI's buffer is finished before the next run() may overwrite it."""
+    pytest.importorskip("nvidia.dali")
+    from pipeline.backends.dali import DaliCanvasDecoder
+
+    source = open_source(beton)
+    decoder = DaliCanvasDecoder(source, 6, 64, 2, torch.device("cuda"))
+    first, _ = decoder.decode(np.arange(6))
+    decoder.decode(np.arange(6, 12))  # reuses DALI's output buffer
+    expected, _ = decoded_batch([source.encoded(i) for i in range(6)], np.arange(6), source.labels[:6], 64, CPU)
+    assert (first.canvas.cpu().int() - expected.canvas.int()).abs().float().mean() < 1.0

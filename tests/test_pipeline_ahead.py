@@ -169,3 +169,23 @@ def test_prefetch_zero_runs_everything_inline(loaders):
     for _ in loader:
         assert pipeline_threads() == []
     configured(loader, prefetch=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ("ffcv", "dali"))
+def test_gpu_views_ahead_match_inline_views_and_report_device_time(beton, recipe, backend):
+    """On CUDA: views made on the views thread's stream equal the ones made inline on the consumer's stream,
+    and take_views_seconds reads the CUDA events of the batches handed over (after a host sync)."""
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    data = DataConfig(path=str(beton), backend=backend, batch_size=4, workers=2, canvas_size=64, dtype="bfloat16")
+    loader = build_loader(data, recipe, device="cuda", seed=1)
+    ahead = collect(loader)
+    torch.cuda.synchronize()
+    assert loader.take_views_seconds() > 0 and loader.take_views_seconds() == 0.0
+    inline = collect(configured(loader, views_ahead=False))
+    assert len(ahead) == len(inline) == 3 and ahead[0].device.type == "cuda"
+    for first, second in zip(ahead, inline):
+        assert_identical_views(first, second)
+    assert pipeline_threads() == []

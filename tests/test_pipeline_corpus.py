@@ -74,3 +74,17 @@ def test_corpus_refuses_bad_arguments(corpus_tool, photos, tmp_path, capsys):
         with pytest.raises(SystemExit):
             corpus_tool.main(argv)
         assert message in capsys.readouterr().err
+
+
+def test_a_repeated_record_is_replaced_by_the_next_one(corpus_tool, photos, tmp_path, monkeypatch):
+    """Record 5 made identical to record 3: it is dropped and record 12 fills its place (12 distinct)."""
+    from preprocess.beton import open_beton
+
+    crop_of_record = corpus_tool.crop_of_record
+    monkeypatch.setattr(corpus_tool, "crop_of_record", lambda record, seed: crop_of_record(3 if record == 5 else record, seed))
+    out = tmp_path / "repeat.beton"
+    report = corpus_tool.main([str(photos), str(out), "--count", "12", "--workers", "2", "--target-kb", "60"])
+    dataset = open_beton(out)
+    records = [dataset.jpeg_bytes(i).tobytes() for i in range(12)]
+    assert report["duplicates"] == 1 and len(set(records)) == 12 and dataset.manifest["num_skipped"] == 1
+    assert dataset.labels.tolist() == [r % 3 for r in (0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 11, 12)]
