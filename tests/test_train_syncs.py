@@ -4,7 +4,7 @@ On a GPU, `torch.cuda.set_sync_debug_mode("error")` is the judge (tests/test_gpu
 the same code runs on the CPU under a dispatch mode that records every operator that would make the
 host wait for a GPU: reading a value back (`_local_scalar_dense`: `.item()`, `bool()`, `float()`),
 data-dependent shapes (`nonzero`, `masked_select`, `unique`, ...) and tensors built from host data
-(`torch.tensor(...)`, a pageable copy that waits for the stream). Not visible here, so left to the GPU
+(`torch.tensor(...)` or a Python list as an index: a pageable copy that waits for the stream). Not visible here, so left to the GPU
 test: explicit `synchronize()` calls and copies of host-made tensors to the device.
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ class HostSyncSpy(TorchDispatchMode):
         name = func.overloadpacket.__name__
         kwargs = kwargs or {}
         sizes_from_data = name == "repeat_interleave" and kwargs.get("output_size") is None  # int repeats pass one
-        if name in HOST_SYNC_OPS or sizes_from_data or (name == "lift_fresh" and self._built_from_host_data()):
+        if name in HOST_SYNC_OPS or sizes_from_data or (name == "lift_fresh" and self._built_from_host_data(args[0])):
             self.hits[f"{name} at {self._call_site()}"] += 1
         return func(*args, **kwargs)
 
@@ -49,11 +49,12 @@ class HostSyncSpy(TorchDispatchMode):
     def _frames():
         return [f for f in traceback.extract_stack()[:-3] if "/torch/" not in f.filename]
 
-    def _built_from_host_data(self) -> bool:
-        """`torch.tensor(data, device=...)` and friends (a copy from the host), not `x[i] = 0.0` (a fill
-        on the device, which also lifts a scalar here on the CPU)."""
+    def _built_from_host_data(self, lifted: torch.Tensor) -> bool:
+        """A tensor made from host data on its way to the device: `torch.tensor(...)`, or a Python list used
+        as an index (`x[[0, 2]]`; both copy and wait on CUDA). Not `x[i] = 0.0`: a fill on the device, which
+        lifts a 0-d scalar here on the CPU."""
         frames = self._frames()
-        return bool(frames) and "tensor(" in (frames[-1].line or "").lower()
+        return lifted.dim() > 0 or (bool(frames) and "tensor(" in (frames[-1].line or "").lower())
 
     def _call_site(self) -> str:
         return " < ".join(f"{f.filename.split('site-packages/')[-1]}:{f.lineno}" for f in reversed(self._frames()[-4:]))
