@@ -24,6 +24,15 @@ REPO = Path(__file__).resolve().parents[1]
 C = 11  # background + 10 classes
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Hundreds of tiny probe steps: one thread (two spin-waiting threads on a busy 2-core box are ~20x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def naive_scores(predicted: torch.Tensor, target: torch.Tensor, num_classes: int) -> dict[str, float]:
     """IoU per class from its definition, averaged over the classes present in target or prediction."""
     ious = []

@@ -154,7 +154,8 @@ def extract_patches(features, images: torch.Tensor, *, mean, std, batch_size: in
 
 def patch_targets(masks: torch.Tensor, patch_size: int, num_classes: int) -> torch.Tensor:
     """[N, P, C] float: the fraction of each patch's pixels in each class (row-major grid, like the tokens)."""
-    one_hot = F.one_hot(masks, num_classes).permute(0, 3, 1, 2).float()  # [N, C, H, W]
+    one_hot = torch.zeros(len(masks), num_classes, *masks.shape[1:], device=masks.device)
+    one_hot.scatter_(1, masks[:, None], 1.0)  # [N, C, H, W]
     return F.avg_pool2d(one_hot, patch_size).flatten(2).transpose(1, 2)  # [N, P, C]
 
 
