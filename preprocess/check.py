@@ -2,8 +2,9 @@
 
 `verify` checks, per record: the stored crc32 of the bytes (catches any flipped byte, even one a JPEG
 decoder would turn into silently wrong pixels), a full PIL decode, RGB mode, the stored height and
-width, and the label range; then that the manifest's per-class counts match the labels. Failures name
-the record index. Records are checked in `workers` processes, each mapping the file itself.
+width, and the label range; then that the manifest's per-class counts match the labels, and for a
+`build-mosaics` set that its masks exist, match the records' count and sizes, and stay in range.
+Failures name the record index. Records are checked in `workers` processes, each mapping the file.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from preprocess.beton import BetonDataset, open_beton
+from preprocess.mosaics import check_masks
 
 SIZE_BINS = (0, 64, 128, 256, 512, 1024, 2048)  # long-side histogram edges, pixels
 
@@ -41,6 +43,7 @@ def inspect_beton(path) -> dict:
         "num_skipped_at_build": manifest.get("num_skipped"),
         "num_reencoded_at_build": manifest.get("num_reencoded"),
         "source": manifest.get("source"), "options": manifest.get("options"),
+        "masks": manifest.get("masks"), "mask_classes": manifest.get("mask_classes"),
         "tool_version": manifest.get("tool_version"), "created_utc": manifest.get("created_utc"),
     }
 
@@ -62,6 +65,9 @@ def format_inspection(info: dict) -> str:
              "  long side: " + ", ".join(f"{k}: {v}" for k, v in info["long_side_histogram"].items() if v),
              f"  classes: {info['num_classes']}, unlabelled images: {info['num_unlabelled']}"]
     lines += [f"    {c['id']:>5}  {c['count']:>8}  {c['name']}" for c in info["classes"]]
+    if info["masks"]:
+        lines.append(f"  per-pixel masks: {info['masks']}, values 0..{len(info['mask_classes']) - 1} = "
+                     + ", ".join(info["mask_classes"]))
     return "\n".join(lines)
 
 
@@ -137,4 +143,6 @@ def verify_beton(path, workers: int = 1, chunk: int = 512) -> VerifyReport:
     actual = {name: int(counts[i]) for i, name in enumerate(names)}
     if expected != actual:
         report.dataset_errors.append(f"per-class counts {actual} differ from the manifest's {expected}")
+    if "masks" in dataset.manifest:  # a `build-mosaics` set: its per-pixel masks must match the records
+        report.dataset_errors.extend(check_masks(dataset))
     return report

@@ -171,6 +171,18 @@ def read_masks(dataset: BetonDataset) -> np.ndarray:
     return masks
 
 
+def check_masks(dataset: BetonDataset) -> list[str]:
+    """What is wrong with a mosaic set's masks (for `preprocess verify`); empty when they are sound."""
+    try:
+        masks = read_masks(dataset)
+    except BetonError as error:
+        return [str(error)]
+    num_classes, largest = len(dataset.manifest.get("mask_classes", [])), int(masks.max(initial=0))
+    if largest >= num_classes:
+        return [f"{masks_path(dataset.path)}: mask value {largest} outside its {num_classes} mask_classes"]
+    return []
+
+
 def split_paths(out_prefix: str | os.PathLike) -> dict[str, Path]:
     """{"train": PREFIX-train.beton, "val": PREFIX-val.beton}."""
     out_prefix = Path(out_prefix)

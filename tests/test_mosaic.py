@@ -249,3 +249,19 @@ def test_a_build_failing_at_its_renames_leaves_nothing(fashion_idx, tmp_path, mo
     assert [target for target, _ in seen] == ["set-train.skipped.tsv", "set-train.masks.npy",
                                               "set-train.manifest.json", "set-train.beton"][:number]
     assert list(out.iterdir()) == []  # no partial, no sidecar without its .beton
+
+
+def test_verify_and_inspect_know_the_masks(fashion_idx, tmp_path, capsys):
+    build_mosaics(fashion_idx, tmp_path / "set", train_count=4, val_count=2, spec=SPEC)
+    path = tmp_path / "set-val.beton"
+    assert main(["inspect", str(path)]) == 0
+    assert "per-pixel masks: set-val.masks.npy, values 0..10 = background, T-shirt/top," in capsys.readouterr().out
+    assert main(["verify", str(path)]) == 0
+    masks = np.load(masks_path(path))
+    masks[1, 5, 5] = 11  # one class id past the end
+    np.save(masks_path(path), masks)
+    assert main(["verify", str(path)]) == 1
+    assert "set-val.masks.npy: mask value 11 outside its 11 mask_classes" in capsys.readouterr().out
+    masks_path(path).unlink()
+    report = verify_beton(path)
+    assert not report.ok and "masks file missing" in report.dataset_errors[0]
