@@ -226,6 +226,7 @@ def test_cli_errors_are_one_line(trained_run, mosaics, tmp_path, capsys):
         ((run_dir, *sets, "--temperature", "0"), "--temperature: must be > 0, got 0.0"),
         ((run_dir, *sets, "--max-val-samples", "-1"), "--max-val-samples: must be >= 0, got -1"),
         ((run_dir, *sets, "--max-val-samples", "x"), "argument --max-val-samples: invalid int value: 'x'"),
+        ((run_dir, *sets, "--device", "gpu"), "argument --device: invalid choice: 'gpu'"),
     ]
     for arguments, message in cases:
         try:
@@ -235,5 +236,8 @@ def test_cli_errors_are_one_line(trained_run, mosaics, tmp_path, capsys):
         captured = capsys.readouterr()
         assert code == 2 and captured.out == "", (arguments, captured)
         assert captured.err.count("\n") == 1 and captured.err.startswith("eval_dense: ") and message in captured.err, captured.err
+    if not torch.cuda.is_available():
+        assert main([str(run_dir), *map(str, sets), "--device", "cuda"]) == 2
+        assert capsys.readouterr().err == "eval_dense: device: cuda requested but torch.cuda.is_available() is false\n"
     result = run_cli(run_dir, "--train", other, "--val", val_path)  # the real command: no traceback either
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "has no per-pixel masks" in result.stderr

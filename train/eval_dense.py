@@ -334,7 +334,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--probe-lr", type=float, help=f"linear probe peak lr (default: {defaults.probe_lr})")
     parser.add_argument("--batch-size", type=int, help=f"mosaics per forward (default: {defaults.batch_size})")
     parser.add_argument("--no-baselines", action="store_true", help="skip the random-init backbone and raw pixels")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: auto)")
     parser.add_argument("--json", metavar="OUT", help="also write the table as JSON to this file")
     return parser.parse_args(argv)
 
@@ -352,8 +352,12 @@ def settings_from(args: argparse.Namespace, config) -> DenseEvalConfig:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    loaded = load_teacher_for_cli("eval_dense", args.path, args.device)
-    if loaded is None:
+    try:
+        loaded = load_teacher_for_cli("eval_dense", args.path, args.device)
+    except ValueError as error:  # --device cuda without CUDA (train.config.ConfigError)
+        print(f"eval_dense: {error}", file=sys.stderr)
+        return 2
+    if loaded is None:  # a bad path, already reported in one line
         return 2
     config, teacher, checkpoint, device = loaded
     settings = settings_from(args, config)
