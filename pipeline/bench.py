@@ -121,6 +121,12 @@ class Runner:
         while True:
             yield from self.loader
 
+    def close(self) -> None:
+        """Stop the loader's iteration (its threads and workers) now, not at interpreter exit."""
+        if self.iterator is not None:
+            self.iterator.close()
+            self.iterator = None
+
 
 def build_runner(name: str, args: argparse.Namespace, device: torch.device, verify_crc: bool = True, label: str = "") -> Runner:
     recipe = recipe_preset(args.recipe)
@@ -309,6 +315,8 @@ def main(argv=None) -> dict:
         results = finish(measure(measurement, args, on_round=finish))
     finally:
         signal.signal(signal.SIGTERM, previous)
+        for runner in measurement.runners:
+            runner.close()
     print_table(results, args)
     return results
 

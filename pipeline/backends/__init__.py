@@ -26,9 +26,13 @@ ahead. The loader chains two of them (decode, then the views engine; `pipeline.l
   abandons the iterator, garbage collection) sets a stop flag and joins the thread; the thread checks
   the flag at least every 0.1 s while it waits to hand over an item, and closes its iterator (so a
   chained inner stage is closed and joined by the thread that consumed it). No thread outlives it.
+  An iterator still open when the interpreter exits (e.g. the bench's endless one) is stopped by an
+  `atexit` hook: the threads are daemons, and a daemon thread still inside a torch kernel while the
+  interpreter tears down aborts the process ("terminate called without an active exception").
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import queue
 import threading
@@ -37,6 +41,7 @@ from contextlib import nullcontext
 import torch
 
 _END = object()
+_RUNNING: dict[threading.Thread, threading.Event] = {}  # prefetch threads alive -> their stop flag
 
 
 def build_stage_one(data, recipe, source, device: torch.device, *, max_samples: int):
@@ -100,10 +105,16 @@ def prefetched(iterator, depth: int, device: torch.device, name: str = "prefetch
                 iterator.close()
 
     thread = threading.Thread(target=work, name=name, daemon=True)
+    _RUNNING[thread] = stop
     thread.start()
     try:
         while True:
-            item, event = items.get()
+            try:
+                item, event = items.get(timeout=0.1)
+            except queue.Empty:
+                if stop.is_set():  # only at interpreter exit (`_stop_all`): the producer may be gone
+                    return
+                continue
             if item is _END:
                 return
             if isinstance(item, _Failure):
@@ -116,6 +127,16 @@ def prefetched(iterator, depth: int, device: torch.device, name: str = "prefetch
     finally:
         stop.set()
         thread.join()
+        _RUNNING.pop(thread, None)
+
+
+@atexit.register
+def _stop_all(timeout: float = 10.0) -> None:
+    """At exit: stop every prefetch thread still running and wait for it (see the module doc)."""
+    for stop in list(_RUNNING.values()):
+        stop.set()
+    for thread in list(_RUNNING):
+        thread.join(timeout)
 
 
 def record_stream(item, stream) -> None:
