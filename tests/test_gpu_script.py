@@ -29,8 +29,10 @@ VIEWS = {"views_ffcv_vs_reference": (["ffcv", "reference"], True), "views_dali_v
 
 
 def run_script(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    launcher = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # left by in-process runs
+    clean = {k: v for k, v in os.environ.items() if k not in launcher}
     return subprocess.run(["bash", "benchmarks/gpu/run.sh", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=400, env={**os.environ, **(env or {})})
+                          timeout=400, env={**clean, **(env or {})})
 
 
 @pytest.fixture(scope="module")

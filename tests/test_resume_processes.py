@@ -9,7 +9,8 @@ and DeepSpeed once (benchmarks/gpu/warm_python.py; a fresh interpreter pays ~10 
 first runs `python3 -c KILLER KILL_AT train/main.py ...`, a hook that sends SIGKILL to its own process as
 it enters step KILL_AT (one step after the checkpoint, so it has already logged a step that the
 restarted process recomputes); the second resumes from `checkpoints/latest` and runs to the end. The
-four mixes run side by side. The reference run is the same config, uninterrupted, in this process.
+four mixes run side by side. The reference is the same config run uninterrupted, also a fresh forked
+process (an in-process run would inherit whatever earlier tests left in this process).
 Checkpoints every 3 steps, 6 steps per epoch: a kill after step 3 resumes mid-epoch, after step 6 at an
 epoch boundary (where the dino+adclr run also evaluates k-NN, whose DataLoader draws a seed).
 """
@@ -66,34 +67,40 @@ def mix_config(tmp_path: Path, beton: Path, run_dir: Path, overrides: list[str])
 
 @pytest.fixture(scope="module")
 def interrupted_runs(beton, tmp_path_factory):
-    """Every mix trained in two forked processes, the first killed; returns {mix: (run dir, exit codes, log)}."""
+    """Every mix run straight through in one process, and in two, the first killed; returns
+    {"MIX/straight" | "MIX/interrupted": (run dir, [exit codes], log)}."""
     root = tmp_path_factory.mktemp("interrupted")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env["PYTHONPATH"] = str(ROOT)
     socket_path = root / "warm.sock"
     server = subprocess.Popen([sys.executable, str(WARM_PYTHON), "serve", str(socket_path)], cwd=ROOT, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    configs = {mix: mix_config(root, beton, root / mix, overrides) for mix, (overrides, _) in MIXES.items()}
-    codes: dict = {mix: {} for mix in MIXES}
+    for mix in MIXES:
+        (root / mix).mkdir()
+    jobs = {f"{mix}/{run}": (mix_config(root / mix, beton, root / mix / run, overrides), overrides, kill_at)
+            for mix, (overrides, kill_at) in MIXES.items() for run in ("straight", "interrupted")}
+    codes: dict = {name: [] for name in jobs}
     try:
         for _ in range(1200):
             if socket_path.exists():
                 break
             time.sleep(0.1)
-        for phase in ("killed", "resumed"):
+        for phase in ("first", "resumed"):
             running = {}
-            for mix, (overrides, kill_at) in MIXES.items():
-                prefix = ["-c", KILLER, str(kill_at)] if phase == "killed" else []
-                with open(root / f"{mix}.log", "a") as log:
-                    running[mix] = subprocess.Popen([sys.executable, str(WARM_PYTHON), "run", str(socket_path), *prefix,
-                                                     "train/main.py", "--config", str(configs[mix]), *overrides],
-                                                    cwd=ROOT, env=env, stdout=log, stderr=log)
-            for mix, process in running.items():
-                codes[mix][phase] = process.wait(timeout=300)
+            for name, (config, overrides, kill_at) in jobs.items():
+                if phase == "resumed" and name.endswith("straight"):
+                    continue
+                prefix = ["-c", KILLER, str(kill_at)] if phase == "first" and name.endswith("interrupted") else []
+                with open(root / f"{name}.log", "a") as log:
+                    running[name] = subprocess.Popen([sys.executable, str(WARM_PYTHON), "run", str(socket_path), *prefix,
+                                                      "train/main.py", "--config", str(config), *overrides],
+                                                     cwd=ROOT, env=env, stdout=log, stderr=log)
+            for name, process in running.items():
+                codes[name].append(process.wait(timeout=300))
     finally:
         subprocess.run([sys.executable, str(WARM_PYTHON), "stop", str(socket_path)], cwd=ROOT, timeout=60)
         server.wait(timeout=60)
-    return {mix: (root / mix, codes[mix], (root / f"{mix}.log").read_text()) for mix in MIXES}
+    return {name: (root / name, codes[name], (root / f"{name}.log").read_text()) for name in jobs}
 
 
 def final_trainer_state(run_dir: Path) -> dict:
@@ -103,19 +110,15 @@ def final_trainer_state(run_dir: Path) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mix", list(MIXES))
-def test_a_killed_process_resumes_exactly(mix, interrupted_runs, beton, tmp_path):
-    from train.config import load_config
-    from train.main import train
-
+def test_a_killed_process_resumes_exactly(mix, interrupted_runs):
     overrides, kill_at = MIXES[mix]
-    run_dir, codes, log = interrupted_runs[mix]
-    assert codes == {"killed": 128 + 9, "resumed": 0}, log[-3000:]  # 128 + 9: killed by SIGKILL
+    run_dir, codes, log = interrupted_runs[f"{mix}/interrupted"]
+    straight_dir, straight_codes, straight_log = interrupted_runs[f"{mix}/straight"]
+    assert straight_codes == [0], straight_log[-3000:]
+    assert codes == [128 + 9, 0], log[-3000:]  # killed by SIGKILL, then resumed to the end
     assert f"(step {kill_at - 1})" in log  # "resumed from .../step_0000000X (step X)"
 
-    straight = mix_config(tmp_path, beton, tmp_path / "straight", overrides)
-    assert train(load_config(straight, overrides)) == "done"
-
-    reference = {r["step"]: r for r in read_metrics(tmp_path / "straight")}
+    reference = {r["step"]: r for r in read_metrics(straight_dir)}
     logged = read_metrics(run_dir)
     assert sorted(reference) == list(range(1, STEPS + 1))
     assert [r["step"] for r in logged] == [*range(1, kill_at + 1), *range(kill_at, STEPS + 1)]
@@ -123,8 +126,8 @@ def test_a_killed_process_resumes_exactly(mix, interrupted_runs, beton, tmp_path
         expected = {k: v for k, v in reference[record["step"]].items() if k not in TIMING}
         assert {k: v for k, v in record.items() if k not in TIMING} == expected, record["step"]
     if "eval.every_epochs=1" in overrides:
-        assert [r["step"] for r in read_metrics(run_dir, "eval")] == [6]
-    ours, theirs = final_trainer_state(run_dir), final_trainer_state(tmp_path / "straight")
+        assert [r["step"] for r in read_metrics(run_dir, "eval")] == [6] == [r["step"] for r in read_metrics(straight_dir, "eval")]
+    ours, theirs = final_trainer_state(run_dir), final_trainer_state(straight_dir)
     assert ours["step"] == theirs["step"] == STEPS
     assert len(theirs["teacher"]) > 0 and (mix == "flsl" or len(theirs["losses"]) > 0)  # FLSL keeps no centre
     for part in ("teacher", "losses"):  # the losses' state holds the centres

@@ -21,6 +21,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+unset RANK LOCAL_RANK WORLD_SIZE MASTER_ADDR MASTER_PORT  # every stage is a run of its own (a world of one)
 
 mode=${1:-}
 shift || true
