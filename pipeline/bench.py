@@ -13,7 +13,9 @@ Time budget (decisions, issue 12): `--seconds` covers warm-up AND measurement (b
 e.g. DALI pipelines and FFCV's numba compile, comes before it). Warm-up is `--warmup-batches` per
 backend, cut short once it has used 20% of `--seconds` (at least one batch per backend, since the
 first batch carries start-up costs); measurement runs until `--seconds` are up, checking the clock
-before every batch, so the run ends at most one batch after the budget. With `--json`, the file is
+before every batch (drained ones included), so the run ends at most one batch after the budget once
+every backend has a measured batch (the first round always completes: with `--vs` it includes each
+backend's drain, so give a few seconds more than two drains plus two batches). With `--json`, the file is
 rewritten after every round (one turn of each backend) and once more on SIGTERM (marked
 `"interrupted": "SIGTERM"`), so a run cut by `timeout` still leaves its figures.
 
@@ -204,13 +206,16 @@ def measure(measurement: Measurement, args: argparse.Namespace, on_round=None) -
     measurement.restart_clocks()
     while True:
         for runner in runners:
+            over = lambda: runner.batch_seconds and time.perf_counter() >= deadline  # noqa: E731
             stages_before = dict(runner.stages)
             for _ in range(runner.ahead if len(runners) > 1 else 0):
+                if over():
+                    break
                 runner.next_batch(device)
             runner.stages.clear()  # drained batches do not count in the profile either
             runner.stages.update(stages_before)
             for _ in range(args.segment_batches):
-                if runner.batch_seconds and time.perf_counter() >= deadline:
+                if over():
                     break
                 runner.measured_batch(device)
         results = measurement.results()
