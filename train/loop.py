@@ -1,7 +1,12 @@
 """The training loop: epochs of `train_step`, with logging, checkpoints, evaluation, signals, NaN stop.
 
-Host-device syncs happen only on log steps (reading the averaged loss parts) and when a checkpoint
-is written; between them the loop only launches work. Consequences (decisions):
+Host-device syncs, all of them (issue 12; tests/test_train_syncs.py on the CPU, test_gpu_train_syncs.py
+under CUDA's sync debug mode): `_check_and_log` reading the loss parts back (`tolist`) on log steps, on
+checkpoint steps and when a stop was requested; after it, in the same step, telemetry reads its CUDA
+events and the loader's views time (already complete then); the checkpoint write; an evaluation; the
+end of a benchmark's warm-up. Between them the loop only launches work: the step's schedule values
+are host floats, the NaN flag stays on the device, and DeepSpeed's own per-step syncs are configured
+away for ZeRO-1/2 (`train.engine`). Consequences (decisions):
 - A NaN/inf loss is recorded on the device (`nonfinite`) every step and checked on the next log step
   or before any checkpoint, whichever comes first; then the run stops with `NonFiniteLoss`, and since
   no checkpoint is written without that check, the newest checkpoint is always a finite one.
