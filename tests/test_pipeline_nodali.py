@@ -1,6 +1,8 @@
 """Issue 12 item 4: without `nvidia.dali` (the first GPU call carries only ffcv, deepspeed and timm), the
 ffcv backend, the views engine, `pipeline.bench` and the trainer's loader import and run. A subprocess
-installs a meta-path finder that refuses `nvidia.dali*` before anything is imported."""
+installs a meta-path finder that refuses `nvidia.dali*` before anything is imported. The same process
+then exits with a loader iteration still open (its threads busy): it must exit cleanly (code 0), which
+the atexit hook of `pipeline.backends` ensures (without it: "terminate called...", exit 134)."""
 from __future__ import annotations
 
 import os
@@ -50,6 +52,8 @@ sys.argv = ["pipeline.bench", "--backend", "ffcv", "--device", "cpu", "--data", 
             "--seconds", "1", "--workers", "1", "--canvas-size", "64"]
 runpy.run_module("pipeline.bench", run_name="__main__")
 assert not any(name.startswith("nvidia.dali") for name in sys.modules)
+open_iteration = iter(loader)
+next(open_iteration)  # the views thread is busy with batch 2 when the interpreter exits
 print("no-dali OK")
 '''
 
