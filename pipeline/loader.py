@@ -278,6 +278,8 @@ def build_loader(data: DataConfig, recipe: ViewRecipe, *, device, rank: int = 0,
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # the worker threads' default GPU is 0, not this rank's
+        device = torch.device("cuda", torch.cuda.current_device())
     source = open_source(data.path)
     if data.drop_last and len(source) < data.batch_size * world_size:
         raise ValueError(

@@ -14,8 +14,10 @@ backends, the views engine and `pipeline.bench` run where DALI is not installed.
 
 `prefetched(iterator, depth, device, name)` runs an iterator in a background thread, `depth` items
 ahead. The loader chains two of them (decode, then the views engine; `pipeline.loader`). Decisions:
-- CUDA: the thread runs the iterator under its own stream, and each item is handed over with an event
-  recorded on that stream once the item's work is launched; the consumer's current stream waits on it
+- CUDA: the thread makes `device` its current GPU (a new thread starts on GPU 0, whatever rank it
+  serves; `build_loader` also gives "cuda" its index) and runs the iterator under its own stream on
+  it; each item is handed over with an event recorded on that stream once the item's work is
+  launched; the consumer's current stream waits on it
   (`wait_event`: on the device, no host sync) and every CUDA tensor in the item (tuples, lists and
   dataclasses are walked, so DecodedBatch, Views and RegionSwap are covered) is `record_stream`-ed
   for the consumer's stream, so the caching allocator does not hand its memory to the producer's next
@@ -87,6 +89,8 @@ def prefetched(iterator, depth: int, device: torch.device, name: str = "prefetch
         return False
 
     def work():
+        if on_cuda:
+            torch.cuda.set_device(device)  # a new thread's current GPU is 0 whatever the rank's is
         stream = torch.cuda.Stream(device) if on_cuda else None
         try:
             while not stop.is_set():
