@@ -232,8 +232,8 @@ class ViewsLoader:
             self.epoch, self.position = epoch + 1, 0
 
     def _count_skipped(self, skipped: list[tuple[int, str]], epoch: int, position: int) -> None:
-        self.skipped += len(skipped)
         for index, reason in skipped:
+            self.skipped += 1
             if index not in self.skipped_records:
                 self.skipped_records[index] = reason
                 logger.warning("record %d of %s skipped (epoch %d, batch %d; %d skipped so far): %s",
