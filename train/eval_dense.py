@@ -59,7 +59,6 @@ from torch import nn
 from model.backbone import forward_tokens
 from preprocess.beton import BetonError, open_beton
 from preprocess.mosaics import read_masks
-from train.restore import load_teacher_for_cli, random_init_model
 
 
 
@@ -350,6 +349,8 @@ def settings_from(args: argparse.Namespace, config) -> DenseEvalConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from train.restore import load_teacher_for_cli, random_init_model  # here: train.config imports this module
+
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     try:
