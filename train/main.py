@@ -21,8 +21,10 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python train/main.py`: make the repository importable
@@ -59,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {error}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from train.checkpoint import CheckpointWriteError
     from train.loop import NonFiniteLoss  # imports DeepSpeed (through train.engine)
 
     try:
@@ -69,7 +72,38 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLoss as error:
         logger.error("%s", error)
         return 1
+    except CheckpointWriteError as error:  # raised alike on every rank; the previous checkpoint stays `latest`
+        print(f"checkpoint error: {error}", file=sys.stderr)
+        return 1
+    except RuntimeError as error:
+        if not collective_failed(error):
+            raise
+        print(f"distributed error: {collective_failure_message(error, cfg)}", file=sys.stderr)
+        return 1
     return 0 if result in ("done", "stopped") else 1
+
+
+def collective_failed(error: BaseException) -> bool:
+    """Raised by a torch.distributed call: a peer rank died (gloo: "Connection closed by peer", at once)
+    or hung past `collective_timeout_s` (gloo: "Timed out waiting"; NCCL: DistBackendError). Gloo raises a
+    plain RuntimeError, so a torch/distributed frame in the traceback counts too."""
+    import torch.distributed as dist
+
+    if isinstance(error, dist.DistError):
+        return True
+    return any(f"torch{os.sep}distributed{os.sep}" in frame.filename for frame in traceback.extract_tb(error.__traceback__))
+
+
+def collective_failure_message(error: BaseException, cfg) -> str:
+    """One line: this rank, the cause without gloo's source location and advice, what to do."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    cause = re.sub(r"^\[[^\]]*\]\s*", "", first_line).split(". ")[0]  # "[.../pair.cc:561] Connection closed ... GLHF!"
+    return (f"rank {rank}: a collective failed ({cause}): another rank died, or hung longer than "
+            f"collective_timeout_s={cfg.collective_timeout_s}. Stop every rank, then relaunch them all; the run resumes "
+            f"from {Path(cfg.run_dir) / 'checkpoints' / 'latest'}")
 
 
 def train(cfg, benchmark_steps: int = 0, warmup_steps: int = 5, json_path: str | None = None) -> str:
