@@ -241,3 +241,55 @@ def test_cli_errors_are_one_line(trained_run, mosaics, tmp_path, capsys):
         assert capsys.readouterr().err == "eval_dense: device: cuda requested but torch.cuda.is_available() is false\n"
     result = run_cli(run_dir, "--train", other, "--val", val_path)  # the real command: no traceback either
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "has no per-pixel masks" in result.stderr
+
+
+@pytest.mark.slow
+def test_training_evaluates_dense_at_epoch_ends_and_at_the_end(mosaics, tmp_path, capsys):
+    """`eval.dense` in a run: a `dense_*` eval record at the epoch end (every_epochs=1) and at the end, the
+    final one equal to `dense_scores` of the saved teacher; with baselines, dense_comparison.json and its
+    table, printed again when the finished run is re-run."""
+    from train.main import train
+    from train.restore import load_teacher
+    from test_train_support import read_metrics
+
+    _, train_path, val_path = mosaics
+    dense = {"train_path": str(train_path), "val_path": str(val_path), "max_train_samples": 12,
+             "max_val_samples": 6, "probe_steps": 10}
+    config = tiny_config(tmp_path, make_tiny_beton(tmp_path), tmp_path / "run",
+                         ["schedule.epochs=2", "eval.every_epochs=1", "eval.compare_baselines=true"],
+                         recipe={"mean": [0.3, 0.3, 0.3], "std": [0.35, 0.35, 0.35]}, eval={"dense": dense})
+    assert train(config) == "done"
+    printed = capsys.readouterr().out
+    records = [r for r in read_metrics(tmp_path / "run", "eval") if "dense_linear_miou" in r]
+    steps_per_epoch = records[-1]["step"] // 2
+    assert [r["step"] for r in records] == [steps_per_epoch, 2 * steps_per_epoch]
+    teacher = load_teacher(tmp_path / "run")[1]
+    settings = DenseEvalConfig(**dense)
+    expected = dense_scores(teacher, settings, torch.device("cpu"), mean=config.recipe.mean, std=config.recipe.std)
+    assert {k.removeprefix("dense_"): v for k, v in records[-1].items() if k.startswith("dense_")} == expected
+    saved = json.loads((tmp_path / "run" / "dense_comparison.json").read_text())
+    assert saved["trained teacher"] == expected
+    assert list(saved) == ["trained teacher", "random-init backbone", "raw patch pixels", "patch_grid_ceiling"]
+    assert "random-init backbone" in printed and f"{expected['linear_miou']:>9.2f}" in printed
+    assert train(config) == "done"  # finished: nothing to train, the saved table again
+    assert f"{expected['hummingbird_miou']:>9.2f}" in capsys.readouterr().out
+
+
+def test_dense_config_errors_name_the_key(mosaics, tmp_path):
+    from train.config import ConfigError, check_data, check_paths
+
+    _, train_path, val_path = mosaics
+    beton = make_tiny_beton(tmp_path)
+    cases = [
+        ({"train_path": str(train_path)}, "eval.dense.val_path: set both"),
+        ({"train_path": str(train_path), "val_path": str(tmp_path / "nope.beton")},
+         "eval.dense.val_path: '" + str(tmp_path / "nope.beton") + "' does not exist"),
+        ({"train_path": str(beton), "val_path": str(val_path)}, "eval.dense.train_path: "),
+    ]
+    for dense, message in cases:
+        with pytest.raises(ConfigError) as error:
+            config = tiny_config(tmp_path, beton, tmp_path / "run", eval={"dense": dense})
+            check_paths(config)
+            check_data(config, world_size=1)
+        assert str(error.value).startswith(message), str(error.value)
+    assert "masks" in str(error.value)  # the .beton without per-pixel masks is named as such

@@ -127,12 +127,14 @@ def train(cfg, benchmark_steps: int = 0, warmup_steps: int = 5, json_path: str |
         print_saved_comparison(run)
         run.telemetry.close()
         return "done"
-    result = train_loop(run, evaluate=periodic_knn)
+    result = train_loop(run, evaluate=periodic_eval)
     if result == "done":
         if run.last_checkpoint_step != run.step:
             run.last_checkpoint = save_run_checkpoint(run)
         if cfg.eval.train_path and cfg.eval.at_end:
             final_knn(run)
+        if cfg.eval.dense.train_path and cfg.eval.at_end:
+            final_dense(run)
     run.telemetry.close()
     return result
 
@@ -207,25 +209,38 @@ def build_run(cfg, device, benchmark_steps: int = 0, warmup_steps: int = 5):
     return run
 
 
-def periodic_knn(run, epoch: int) -> None:
-    """k-NN of the teacher every `eval.every_epochs` epochs (not after the last one: `final_knn` does that)."""
+def periodic_eval(run, epoch: int) -> None:
+    """k-NN and dense evaluation of the teacher every `eval.every_epochs` epochs (not after the last one:
+    `final_knn` / `final_dense` do that)."""
     from train.knn import knn_accuracy
 
-    every = run.cfg.eval.every_epochs
-    if run.cfg.eval.train_path and every and epoch % every == 0 and run.step < run.total_steps:
-        results = knn_accuracy(run.teacher.features, run.cfg.eval, run.device, workers=run.cfg.data.workers)
+    cfg, every = run.cfg, run.cfg.eval.every_epochs
+    if not (every and epoch % every == 0 and run.step < run.total_steps):
+        return
+    if cfg.eval.train_path:
+        results = knn_accuracy(run.teacher.features, cfg.eval, run.device, workers=cfg.data.workers)
         run.evaluations.append({"step": run.step, **results})
         run.telemetry.log_eval(run.step, run.step / run.steps_per_epoch, results)
-        run.telemetry.restart_interval(run.step)
+    if cfg.eval.dense.train_path and run.rank == 0:  # no collectives inside: the other ranks wait at their next one
+        from train.eval_dense import dense_scores
+
+        scores = dense_scores(run.teacher, cfg.eval.dense, run.device, mean=cfg.recipe.mean, std=cfg.recipe.std)
+        run.telemetry.log_eval(run.step, run.step / run.steps_per_epoch, {f"dense_{k}": v for k, v in scores.items()})
+    run.telemetry.restart_interval(run.step)
 
 
 def print_saved_comparison(run) -> None:
-    """A finished run re-run (e.g. `scripts/setup.sh` a second time) shows the k-NN table it ended with."""
+    """A finished run re-run (e.g. `scripts/setup.sh` a second time) shows the tables it ended with."""
+    from train.eval_dense import format_dense_table
     from train.knn import format_comparison
 
-    saved = run.run_dir / "knn_comparison.json"
-    if run.rank == 0 and saved.exists():
-        print(format_comparison(json.loads(saved.read_text())), flush=True)
+    if run.rank != 0:
+        return
+    for name, format_table in (("knn_comparison.json", format_comparison), ("dense_comparison.json",
+                               lambda results: format_dense_table(results, run.cfg.eval.dense))):
+        saved = run.run_dir / name
+        if saved.exists():
+            print(format_table(json.loads(saved.read_text())), flush=True)
 
 
 def final_knn(run) -> dict:
@@ -243,6 +258,27 @@ def final_knn(run) -> dict:
         if run.rank == 0:
             (run.run_dir / "knn_comparison.json").write_text(json.dumps(results, indent=2) + "\n")
             print(format_comparison(results), flush=True)
+    return results
+
+
+def final_dense(run) -> dict | None:
+    """Dense evaluation of the trained teacher (rank 0); with `eval.compare_baselines`, also a random-init
+    backbone and raw patch pixels, printed side by side and kept in RUN_DIR/dense_comparison.json."""
+    from train.eval_dense import PixelPatches, compare_dense, format_dense_table
+    from train.restore import random_init_model
+
+    cfg = run.cfg
+    if run.rank != 0:
+        return None
+    sources = {"trained teacher": run.teacher}
+    if cfg.eval.compare_baselines:
+        sources["random-init backbone"] = random_init_model(cfg, run.device)
+        sources["raw patch pixels"] = PixelPatches(run.teacher.patch_size)
+    results = compare_dense(sources, cfg.eval.dense, run.device, mean=cfg.recipe.mean, std=cfg.recipe.std)
+    teacher = {f"dense_{k}": v for k, v in results["trained teacher"].items()}
+    run.telemetry.log_eval(run.step, run.step / run.steps_per_epoch, teacher)
+    (run.run_dir / "dense_comparison.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(format_dense_table(results, cfg.eval.dense), flush=True)
     return results
 
 
