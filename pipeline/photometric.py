@@ -67,8 +67,16 @@ def sample_photometric(uniforms: Tensor, spec: PhotometricSpec, view_index: Tens
     span = lambda u, strength: 1.0 - strength + 2.0 * strength * u  # noqa: E731  U[1 - s, 1 + s]
     one = torch.ones_like(column["brightness"])
     order = torch.stack([column["order_b"], column["order_c"], column["order_s"]], dim=1)  # [N, 3]
+    blur_draw = column["blur"]
     blur_p = _per_view(spec.blur_p, view_index)
     solarize_p = _per_view(spec.solarize_p, view_index)
+    if spec.alt_p > 0:  # FLSL's per-crop choice between two (blur, solarize) settings (`PhotometricSpec.alt_p`)
+        alternative = blur_draw < spec.alt_p
+        # the blur uniform rescaled within the part it fell in is again U[0, 1), independent of the choice:
+        # no extra column, so recipes without the choice draw exactly the same stream as before
+        blur_draw = torch.where(alternative, blur_draw / spec.alt_p, (blur_draw - spec.alt_p) / max(1.0 - spec.alt_p, 1e-12))
+        blur_p = torch.where(alternative, _per_view(spec.alt_blur_p, view_index), blur_p)
+        solarize_p = torch.where(alternative, _per_view(spec.alt_solarize_p, view_index), solarize_p)
     low, high = spec.blur_sigma
     return PhotometricParams(
         brightness=torch.where(jitter, span(column["brightness"], spec.brightness), one),
@@ -78,7 +86,7 @@ def sample_photometric(uniforms: Tensor, spec: PhotometricSpec, view_index: Tens
         linear_before_hue=order < column["order_h"][:, None],
         jitter=jitter,
         grayscale=column["grayscale"] < spec.grayscale_p,
-        sigma=torch.where(column["blur"] < blur_p, low + (high - low) * column["sigma"], 0.0 * one),
+        sigma=torch.where(blur_draw < blur_p, low + (high - low) * column["sigma"], 0.0 * one),
         solarize=column["solarize"] < solarize_p,
     )
 
@@ -89,9 +97,9 @@ def apply_photometric(crops: Tensor, params: PhotometricParams, spec: Photometri
         crops = color_jitter(crops, params)
     if spec.grayscale_p > 0:
         crops = torch.where(params.grayscale[:, None, None, None], luma(crops).expand_as(crops), crops)
-    if max(spec.blur_p) > 0:
+    if spec.may_blur():
         crops = gaussian_blur(crops, params.sigma, max_sigma=spec.blur_sigma[1])
-    if max(spec.solarize_p) > 0:
+    if spec.may_solarize():
         solarize = params.solarize[:, None, None, None] & (crops >= spec.solarize_threshold)
         crops = torch.where(solarize, 1.0 - crops, crops)
     return crops

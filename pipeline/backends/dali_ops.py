@@ -41,22 +41,32 @@ def _photometric(crop, spec: PhotometricSpec, view: int, on_gpu: bool):
         saturation=jittered(spec.saturation) * (1.0 - gray),
         hue=jitter * fn.random.uniform(range=[-360 * spec.hue, 360 * spec.hue]),
     )
-    blur_p = spec.blur_p[view] if len(spec.blur_p) > 1 else spec.blur_p[0]
-    if blur_p > 0:
+    choice = coin(spec.alt_p) if spec.alt_p > 0 else None  # FLSL: 1 = this crop uses the alt_* probabilities
+
+    def applied(probability: float, alt_probability: float):
+        """A 0/1 mask per crop: a coin with `probability`, or `alt_probability` for crops that drew the alternative."""
+        mask = coin(probability) if choice is None else choice * coin(alt_probability) + (1.0 - choice) * coin(probability)
+        return mask.gpu() if on_gpu else mask
+
+    blur_p, alt_blur_p = _view_value(spec.blur_p, view), _view_value(spec.alt_blur_p, view)
+    if blur_p > 0 or (choice is not None and alt_blur_p > 0):
         blurred = fn.gaussian_blur(crop, sigma=fn.random.uniform(range=list(spec.blur_sigma)))
-        if blur_p < 1:
-            apply = coin(blur_p)
-            apply = apply.gpu() if on_gpu else apply
+        if choice is not None or blur_p < 1:
+            apply = applied(blur_p, alt_blur_p)
             blurred = fn.cast(apply * blurred + (1.0 - apply) * crop, dtype=types.UINT8)
         crop = blurred
-    solarize_p = spec.solarize_p[view] if len(spec.solarize_p) > 1 else spec.solarize_p[0]
-    if solarize_p > 0:
-        apply = coin(solarize_p)
-        apply = apply.gpu() if on_gpu else apply
+    solarize_p, alt_solarize_p = _view_value(spec.solarize_p, view), _view_value(spec.alt_solarize_p, view)
+    if solarize_p > 0 or (choice is not None and alt_solarize_p > 0):
+        apply = applied(solarize_p, alt_solarize_p)
         wide = fn.cast(crop, dtype=types.FLOAT)
         inverted = apply * (wide >= spec.solarize_threshold * 255)
         crop = fn.cast(wide + inverted * (255.0 - 2.0 * wide), dtype=types.UINT8)
     return crop
+
+
+def _view_value(values: tuple[float, ...], view: int) -> float:
+    """A per-view probability: one value for every view, or one per view."""
+    return values[view] if len(values) > 1 else values[0]
 
 
 def _build_pipeline(recipe: ViewRecipe, batch_size: int, threads: int, device: torch.device, seed: int):

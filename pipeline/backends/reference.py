@@ -193,15 +193,19 @@ class ReferenceBatchMaker:
         return crop, box
 
     def _finish(self, crop: Image.Image, spec: PhotometricSpec, view: int) -> torch.Tensor:
-        """DINO's order: flip, jitter (p), grayscale (p), blur (p per view), solarize (p per view), normalize."""
+        """DINO's order: flip, jitter (p), grayscale (p), blur (p per view), solarize (p per view), normalize;
+        with `alt_p` a crop first draws which (blur, solarize) probabilities it uses (FLSL)."""
         if torch.rand(1).item() < spec.flip_p:
             crop = TF.hflip(crop)
         jitter = transforms.ColorJitter(spec.brightness, spec.contrast, spec.saturation, spec.hue)
         crop = transforms.RandomApply([jitter], p=spec.jitter_p)(crop)
         crop = transforms.RandomGrayscale(p=spec.grayscale_p)(crop)
-        if random.random() < _per_view(spec.blur_p, view):
+        blur_p, solarize_p = _per_view(spec.blur_p, view), _per_view(spec.solarize_p, view)
+        if spec.alt_p > 0 and random.random() < spec.alt_p:  # FLSL's per-crop choice of (blur, solarize) setting
+            blur_p, solarize_p = _per_view(spec.alt_blur_p, view), _per_view(spec.alt_solarize_p, view)
+        if random.random() < blur_p:
             crop = crop.filter(ImageFilter.GaussianBlur(radius=random.uniform(*spec.blur_sigma)))
-        if random.random() < _per_view(spec.solarize_p, view):
+        if random.random() < solarize_p:
             crop = ImageOps.solarize(crop, threshold=round(spec.solarize_threshold * 255))
         return self.normalize(TF.to_tensor(crop))
 
