@@ -188,3 +188,36 @@ def test_eval_clis_report_a_missing_run_in_one_line(tmp_path, capsys, module):
     assert main([str(tmp_path / "nope"), "--device", "cpu"]) == 2
     assert capsys.readouterr().err == (f"{module}: {tmp_path / 'nope'} does not exist; pass a run folder (with config.yaml "
                                        f"and checkpoints/) or a checkpoint folder (with trainer.pt)\n")
+
+
+@pytest.mark.slow
+def test_training_knn_uses_the_configured_features_and_feeds_the_collapse_monitor(tmp_path, monkeypatch):
+    """`eval.features=patch_mean` reaches the training-time k-NN (the logged figure is the naive k-NN of the
+    saved teacher's mean patch tokens), and every log step's figures, collapse statistics included, go to
+    the run's CollapseMonitor."""
+    from model import SSLModel
+    from train.collapse import CollapseMonitor
+    from train.main import train
+
+    seen, kinds = [], set()
+    monkeypatch.setattr(CollapseMonitor, "update", lambda self, step, values: seen.append((step, dict(values))) or [])
+    features = SSLModel.features
+    monkeypatch.setattr(SSLModel, "features", lambda self, images, kind="auto": kinds.add(kind) or features(self, images, kind))
+    beton, queries = make_tiny_beton(tmp_path), make_query_beton(tmp_path)
+    config = tiny_config(tmp_path, beton, tmp_path / "run", [
+        "schedule.max_steps=3", f"eval.train_path={beton}", f"eval.test_path={queries}", "eval.image_size=32",
+        "eval.batch_size=7", "eval.features=patch_mean",
+    ])
+    assert train(config) == "done"
+    [evaluation] = read_metrics(tmp_path / "run", kind="eval")
+    memory, memory_labels = teacher_features(tmp_path / "run", beton, "patch_mean")
+    test, test_labels = teacher_features(tmp_path / "run", queries, "patch_mean")
+    expected = naive_knn(memory, memory_labels, test, test_labels, k=20, temperature=0.07)
+    assert evaluation["knn_top1"] == pytest.approx(expected["knn_top1"])
+    assert kinds == {"patch_mean"}  # every feature the training-time k-NN read (tiny sets can tie across kinds)
+    cls_memory = teacher_features(tmp_path / "run", beton, "cls")[0]
+    assert not torch.allclose(cls_memory, memory)  # the two kinds differ, so the check above can tell them apart
+    logged = read_metrics(tmp_path / "run")
+    assert [step for step, _ in seen] == [record["step"] for record in logged] == [1, 2, 3]
+    for (_, values), record in zip(seen, logged):
+        assert values["dino/prototypes_in_use"] == record["dino/prototypes_in_use"]

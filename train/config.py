@@ -93,7 +93,7 @@ class LogConfig:
 
 @dataclass
 class EvalConfig:
-    """DINO's weighted k-NN on the teacher backbone's cls features."""
+    """DINO's weighted k-NN on the teacher's features (`features`), and the dense evaluation (`dense`)."""
 
     train_path: str = ""  # labelled .beton whose features are the k-NN memory ("" = no k-NN)
     test_path: str = ""  # labelled .beton that is classified
@@ -106,7 +106,7 @@ class EvalConfig:
     max_train_samples: int = 0  # > 0: use an evenly spaced subset of the memory set (faster on CPU)
     max_test_samples: int = 0  # > 0: evenly spaced subset of the test set
     compare_baselines: bool = False  # also k-NN of a random-init backbone and raw pixels, printed side by side
-    features: str = "auto"  # "cls" | "patch_mean" | "cls+patch_mean" | "auto" (follows the enabled methods)
+    features: str = "auto"  # "cls" (the image-level token a loss trains; SelfPatch: its pooled token) | "patch_mean" | "cls+patch_mean" | "auto" (patch_mean for FLSL-only runs, else cls)
     dense: DenseEvalConfig = field(default_factory=DenseEvalConfig)  # Hummingbird + linear patch probe on build-mosaics sets ("" paths = off)
 
 

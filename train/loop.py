@@ -68,6 +68,7 @@ class Run:
     last_checkpoint: Path | None = None
     last_checkpoint_step: int = -1
     evaluations: list = field(default_factory=list)
+    collapse: object = None  # train.collapse.CollapseMonitor (rank 0): warns when a distillation term collapses
 
     @property
     def steps_per_epoch(self) -> int:
@@ -172,6 +173,8 @@ def _check_and_log(run: Run, parts: dict, nonfinite: torch.Tensor, stop_requeste
         temperatures = run.losses.teacher_temperatures(epoch)
         run.telemetry.log_step(run.step, epoch, losses, run.schedules.at(run.step - 1), temperatures,
                                extra={"skipped_records": run.loader.skipped})
+        if run.collapse is not None:
+            run.collapse.update(run.step, losses)
     return values[-1] > 0
 
 

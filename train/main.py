@@ -155,6 +155,7 @@ def build_run(cfg, device, benchmark_steps: int = 0, warmup_steps: int = 5):
     from model import SSLModel, build_losses, count_step_flops
     from pipeline.loader import build_loader
     from train.checkpoint import find_checkpoint, load_checkpoint, restore_rng
+    from train.collapse import CollapseMonitor
     from train.config import save_config
     from train.engine import build_student_engine, init_distributed, make_teacher
     from train.loop import Run
@@ -188,7 +189,7 @@ def build_run(cfg, device, benchmark_steps: int = 0, warmup_steps: int = 5):
         total_steps = min(schedules.total_steps, warmup_steps + benchmark_steps)
     run = Run(cfg=cfg, run_dir=run_dir, device=device, rank=rank, world_size=world_size, loader=loader, engine=engine,
               group_kinds=group_kinds, teacher=teacher, losses=losses, schedules=schedules, telemetry=None,
-              total_steps=total_steps)
+              total_steps=total_steps, collapse=CollapseMonitor.from_methods(cfg.methods) if rank == 0 else None)
     checkpoint = None if benchmark_steps else find_checkpoint(run_dir / "checkpoints", cfg.checkpoint.resume)
     state = None
     if checkpoint is not None:
@@ -212,13 +213,13 @@ def build_run(cfg, device, benchmark_steps: int = 0, warmup_steps: int = 5):
 def periodic_eval(run, epoch: int) -> None:
     """k-NN and dense evaluation of the teacher every `eval.every_epochs` epochs (not after the last one:
     `final_knn` / `final_dense` do that)."""
-    from train.knn import knn_accuracy
+    from train.knn import feature_extractor, knn_accuracy
 
     cfg, every = run.cfg, run.cfg.eval.every_epochs
     if not (every and epoch % every == 0 and run.step < run.total_steps):
         return
     if cfg.eval.train_path:
-        results = knn_accuracy(run.teacher.features, cfg.eval, run.device, workers=cfg.data.workers)
+        results = knn_accuracy(feature_extractor(run.teacher, cfg.eval.features), cfg.eval, run.device, workers=cfg.data.workers)
         run.evaluations.append({"step": run.step, **results})
         run.telemetry.log_eval(run.step, run.step / run.steps_per_epoch, results)
     if cfg.eval.dense.train_path and run.rank == 0:  # no collectives inside: the other ranks wait at their next one
@@ -245,15 +246,16 @@ def print_saved_comparison(run) -> None:
 
 def final_knn(run) -> dict:
     """k-NN of the trained teacher; with `eval.compare_baselines`, also random-init and raw pixels."""
-    from train.knn import format_comparison, knn_accuracy, raw_pixel_features
+    from train.knn import feature_extractor, format_comparison, knn_accuracy, raw_pixel_features
     from train.restore import random_init_model
 
     cfg = run.cfg
-    results = {"trained teacher": knn_accuracy(run.teacher.features, cfg.eval, run.device, workers=cfg.data.workers)}
+    features = lambda model: feature_extractor(model, cfg.eval.features)  # noqa: E731
+    results = {"trained teacher": knn_accuracy(features(run.teacher), cfg.eval, run.device, workers=cfg.data.workers)}
     run.telemetry.log_eval(run.step, run.step / run.steps_per_epoch, results["trained teacher"])
     if cfg.eval.compare_baselines:
         random_model = random_init_model(cfg, run.device)
-        results["random-init backbone"] = knn_accuracy(random_model.features, cfg.eval, run.device, workers=cfg.data.workers)
+        results["random-init backbone"] = knn_accuracy(features(random_model), cfg.eval, run.device, workers=cfg.data.workers)
         results["raw pixels"] = knn_accuracy(raw_pixel_features, cfg.eval, run.device, workers=cfg.data.workers)
         if run.rank == 0:
             (run.run_dir / "knn_comparison.json").write_text(json.dumps(results, indent=2) + "\n")
