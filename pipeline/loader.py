@@ -296,10 +296,13 @@ def build_loader(data: DataConfig, recipe: ViewRecipe, *, device, rank: int = 0,
     return ViewsLoader(data, recipe, source, stage_one, engine, device=device, rank=rank, world_size=world_size, seed=seed)
 
 
-def build_eval_loader(path, *, image_size: int, batch_size: int, device, rank: int = 0, world_size: int = 1, workers: int = 2):
-    """Deterministic evaluation batches (images [B,3,S,S] float32 normalized, labels [B], index [B]);
-    see `pipeline.backends.evaluation` for the transform and the sharding."""
+def build_eval_loader(path, *, image_size: int, batch_size: int, device, rank: int = 0, world_size: int = 1, workers: int = 2,
+                      mean=None, std=None):
+    """Deterministic evaluation batches (images [B,3,S,S] float32 normalized with `mean`/`std`, the training
+    recipe's; ImageNet's when None; labels [B], index [B]); see `pipeline.backends.evaluation` for the
+    transform and the sharding."""
     from pipeline.backends.evaluation import EvalLoader
+    from pipeline.recipe import IMAGENET_MEAN, IMAGENET_STD
 
     return EvalLoader(path, image_size=image_size, batch_size=batch_size, device=device, rank=rank,
-                      world_size=world_size, workers=workers)
+                      world_size=world_size, workers=workers, mean=mean or IMAGENET_MEAN, std=std or IMAGENET_STD)

@@ -74,6 +74,20 @@ def make_query_beton(folder):
     return folder / "queries.beton"
 
 
+RECIPE_NORMALIZATION = {"mean": [0.3, 0.3, 0.3], "std": [0.35, 0.35, 0.35]}
+NORMALIZED = dict(mean=(0.3,) * 3, std=(0.35,) * 3)
+
+
+@pytest.fixture
+def normalizations(monkeypatch) -> set:
+    """The (mean, std) of every evaluation loader built while the test runs (tiny sets score alike either way)."""
+    import train.knn as knn_module
+
+    seen, build = set(), knn_module.build_eval_loader
+    monkeypatch.setattr(knn_module, "build_eval_loader", lambda *a, **k: seen.add((k["mean"], k["std"])) or build(*a, **k))
+    return seen
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     from train.main import train
@@ -83,17 +97,17 @@ def trained_run(tmp_path_factory):
     config = tiny_config(folder, beton, folder / "run", [
         "schedule.max_steps=6", f"eval.train_path={beton}", f"eval.test_path={queries}", "eval.image_size=32",
         "eval.batch_size=7", "eval.every_epochs=1", "eval.compare_baselines=true",
-    ])
+    ], recipe=RECIPE_NORMALIZATION)  # not ImageNet's: every evaluation must normalize as the run trained
     assert train(config) == "done"
     return folder / "run", beton, queries
 
 
-def teacher_features(run_dir, path, kind="cls"):
+def teacher_features(run_dir, path, kind="cls", mean=None, std=None):
     from train.restore import load_teacher
 
     _, teacher, _ = load_teacher(run_dir)
     return extract_features(feature_extractor(teacher, kind), str(path), image_size=32, batch_size=7,
-                            device=torch.device("cpu"), workers=0)
+                            device=torch.device("cpu"), workers=0, mean=mean, std=std)
 
 
 @pytest.mark.slow
@@ -101,8 +115,8 @@ def test_training_logs_knn_and_writes_the_baseline_comparison(trained_run):
     run_dir, beton, queries = trained_run
     evaluations = read_metrics(run_dir, kind="eval")
     assert len(evaluations) == 1 and evaluations[0]["step"] == 6  # at the end (epoch 1 is the last step)
-    memory, memory_labels = teacher_features(run_dir, beton)
-    test, test_labels = teacher_features(run_dir, queries)
+    memory, memory_labels = teacher_features(run_dir, beton, **NORMALIZED)
+    test, test_labels = teacher_features(run_dir, queries, **NORMALIZED)
     assert memory.shape[0] == 24 and test.shape[0] == 9 and (test @ memory.T).max() < 0.9999  # no query in memory
     expected = naive_knn(memory, memory_labels, test, test_labels, k=20, temperature=0.07)
     assert evaluations[0]["knn_top1"] == pytest.approx(expected["knn_top1"])
@@ -119,7 +133,7 @@ def test_training_logs_knn_and_writes_the_baseline_comparison(trained_run):
 
 
 @pytest.mark.slow
-def test_eval_knn_cli_reproduces_training_knn(trained_run, capsys):
+def test_eval_knn_cli_reproduces_training_knn(trained_run, capsys, normalizations):
     from train.eval_knn import main
 
     run_dir, _, _ = trained_run
@@ -130,17 +144,19 @@ def test_eval_knn_cli_reproduces_training_knn(trained_run, capsys):
     assert trained == expected["trained teacher"]
     assert printed["raw pixels"] == expected["raw pixels"]
     assert printed["random-init backbone"] == expected["random-init backbone"]
+    assert normalizations == {((0.3,) * 3, (0.35,) * 3)}  # the run's recipe, not ImageNet's
 
 
 @pytest.mark.slow
-def test_eval_linear_cli_and_raw_pixel_features(trained_run, capsys):
+def test_eval_linear_cli_and_raw_pixel_features(trained_run, capsys, normalizations):
     from train.eval_linear import main
 
     run_dir, beton, queries = trained_run
     assert main([str(run_dir), "--epochs", "3", "--workers", "0", "--features", "cls+patch_mean"]) == 0
+    assert normalizations == {((0.3,) * 3, (0.35,) * 3)}  # the run's recipe, not ImageNet's
     result = json.loads(capsys.readouterr().out)
     assert result["checkpoint"].endswith("step_00000006")
-    common = dict(image_size=32, batch_size=7, device=torch.device("cpu"), workers=0, normalize=False)
+    common = dict(image_size=32, batch_size=7, device=torch.device("cpu"), workers=0, normalize=False, **NORMALIZED)
     from train.restore import load_teacher
 
     teacher = feature_extractor(load_teacher(run_dir)[1], "cls+patch_mean")
@@ -191,10 +207,10 @@ def test_eval_clis_report_a_missing_run_in_one_line(tmp_path, capsys, module):
 
 
 @pytest.mark.slow
-def test_training_knn_uses_the_configured_features_and_feeds_the_collapse_monitor(tmp_path, monkeypatch):
+def test_training_knn_uses_the_configured_features_and_feeds_the_collapse_monitor(tmp_path, monkeypatch, normalizations):
     """`eval.features=patch_mean` reaches the training-time k-NN (the logged figure is the naive k-NN of the
-    saved teacher's mean patch tokens), and every log step's figures, collapse statistics included, go to
-    the run's CollapseMonitor."""
+    saved teacher's mean patch tokens of images normalized with the run's recipe mean/std, not ImageNet's),
+    and every log step's figures, collapse statistics included, go to the run's CollapseMonitor."""
     from model import SSLModel
     from train.collapse import CollapseMonitor
     from train.main import train
@@ -207,14 +223,17 @@ def test_training_knn_uses_the_configured_features_and_feeds_the_collapse_monito
     config = tiny_config(tmp_path, beton, tmp_path / "run", [
         "schedule.max_steps=3", f"eval.train_path={beton}", f"eval.test_path={queries}", "eval.image_size=32",
         "eval.batch_size=7", "eval.features=patch_mean",
-    ])
+    ], recipe=RECIPE_NORMALIZATION)
     assert train(config) == "done"
     [evaluation] = read_metrics(tmp_path / "run", kind="eval")
-    memory, memory_labels = teacher_features(tmp_path / "run", beton, "patch_mean")
-    test, test_labels = teacher_features(tmp_path / "run", queries, "patch_mean")
+    memory, memory_labels = teacher_features(tmp_path / "run", beton, "patch_mean", **NORMALIZED)
+    test, test_labels = teacher_features(tmp_path / "run", queries, "patch_mean", **NORMALIZED)
     expected = naive_knn(memory, memory_labels, test, test_labels, k=20, temperature=0.07)
     assert evaluation["knn_top1"] == pytest.approx(expected["knn_top1"])
     assert kinds == {"patch_mean"}  # every feature the training-time k-NN read (tiny sets can tie across kinds)
+    assert normalizations == {((0.3,) * 3, (0.35,) * 3)}  # and every image it read was normalized as in training
+    imagenet_memory = teacher_features(tmp_path / "run", beton, "patch_mean")[0]
+    assert not torch.allclose(imagenet_memory, memory, atol=1e-3)  # the normalization matters to the features
     cls_memory = teacher_features(tmp_path / "run", beton, "cls")[0]
     assert not torch.allclose(cls_memory, memory)  # the two kinds differ, so the check above can tell them apart
     logged = read_metrics(tmp_path / "run")

@@ -52,11 +52,12 @@ def main(argv: list[str] | None = None) -> int:
         print("eval_knn: no evaluation sets; pass --train-path and --test-path", file=sys.stderr)
         return 2
     features = eval_cfg.features
-    results = {f"trained teacher ({checkpoint.name})": knn_accuracy(feature_extractor(teacher, features), eval_cfg, device, args.workers)}
+    common = dict(workers=args.workers, mean=config.recipe.mean, std=config.recipe.std)  # the run's normalization
+    results = {f"trained teacher ({checkpoint.name})": knn_accuracy(feature_extractor(teacher, features), eval_cfg, device, **common)}
     if args.baselines:
         random_model = random_init_model(config, device)
-        results["random-init backbone"] = knn_accuracy(feature_extractor(random_model, features), eval_cfg, device, args.workers)
-        results["raw pixels"] = knn_accuracy(raw_pixel_features, eval_cfg, device, args.workers)
+        results["random-init backbone"] = knn_accuracy(feature_extractor(random_model, features), eval_cfg, device, **common)
+        results["raw pixels"] = knn_accuracy(raw_pixel_features, eval_cfg, device, **common)
     print(json.dumps(results, indent=2) if args.json else format_comparison(results))
     return 0
 

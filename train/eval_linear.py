@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         print("eval_linear: no evaluation sets; pass --train-path and --test-path", file=sys.stderr)
         return 2
     common = dict(image_size=args.image_size or config.eval.image_size, batch_size=config.eval.batch_size,
-                  device=device, workers=args.workers, normalize=False)
+                  device=device, workers=args.workers, normalize=False, mean=config.recipe.mean, std=config.recipe.std)
     features = feature_extractor(teacher, args.features or config.eval.features)
     train_x, train_y = extract_features(features, train_path, max_samples=args.max_train_samples, **common)
     test_x, test_y = extract_features(features, test_path, **common)

@@ -17,6 +17,9 @@ Decisions:
 - `max_train_samples` / `max_test_samples` keep the first N samples in dataset order (each rank stops
   after its share): the loader has no subset option, and prefixes of Fashion-MNIST / shuffled lists are
   class-balanced. For class-sorted ImageFolder data use the full sets.
+- The evaluation images are normalized with the training recipe's mean/std (the callers pass
+  `recipe.mean`/`recipe.std`): features read from inputs normalized differently from training are not
+  the features the run learned (the Fashion-MNIST demo trains with its own statistics).
 - Features are computed in fp32 on CPU and under bf16 autocast on GPU (as the training teacher runs).
 - Reference points (`baseline_features`): the same k-NN on a randomly initialized backbone (same seed
   and architecture) and on raw pixels (the normalized eval image, flattened).
@@ -39,11 +42,13 @@ logger = logging.getLogger(__name__)
 
 @torch.no_grad()
 def extract_features(feature_fn: Callable, path: str, *, image_size: int, batch_size: int, device: torch.device,
-                     max_samples: int = 0, workers: int = 2, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features [N, D] float32, L2-normalized unless `normalize=False`; labels [N] int64) of the set, on every rank."""
+                     max_samples: int = 0, workers: int = 2, normalize: bool = True, mean=None,
+                     std=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features [N, D] float32, L2-normalized unless `normalize=False`; labels [N] int64) of the set, on every
+    rank; the images are normalized with `mean`/`std` (the run's `recipe.mean`/`recipe.std`; None: ImageNet's)."""
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     loader = build_eval_loader(path, image_size=image_size, batch_size=batch_size, device=device,
-                               rank=rank, world_size=world_size, workers=workers)
+                               rank=rank, world_size=world_size, workers=workers, mean=mean, std=std)
     per_rank_limit = -(-max_samples // world_size) if max_samples else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     features, labels, indices, seen = [], [], [], 0
@@ -100,9 +105,11 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     return {"knn_top1": 100.0 * top1 / total, "knn_top5": 100.0 * top5 / total}
 
 
-def knn_accuracy(feature_fn: Callable, eval_cfg, device: torch.device, workers: int = 2) -> dict[str, float]:
-    """k-NN of `feature_fn` (images [B,3,S,S] -> [B, D]) with the train/test sets of `EvalConfig`."""
-    common = dict(image_size=eval_cfg.image_size, batch_size=eval_cfg.batch_size, device=device, workers=workers)
+def knn_accuracy(feature_fn: Callable, eval_cfg, device: torch.device, workers: int = 2, *, mean=None, std=None) -> dict[str, float]:
+    """k-NN of `feature_fn` (images [B,3,S,S] -> [B, D]) with the train/test sets of `EvalConfig`; images
+    normalized with `mean`/`std` (pass the run's recipe values; None: ImageNet's)."""
+    common = dict(image_size=eval_cfg.image_size, batch_size=eval_cfg.batch_size, device=device, workers=workers,
+                  mean=mean, std=std)
     train_features, train_labels = extract_features(feature_fn, eval_cfg.train_path, max_samples=eval_cfg.max_train_samples, **common)
     test_features, test_labels = extract_features(feature_fn, eval_cfg.test_path, max_samples=eval_cfg.max_test_samples, **common)
     return knn_classify(train_features, train_labels, test_features, test_labels, k=eval_cfg.k, temperature=eval_cfg.temperature)

@@ -219,7 +219,8 @@ def periodic_eval(run, epoch: int) -> None:
     if not (every and epoch % every == 0 and run.step < run.total_steps):
         return
     if cfg.eval.train_path:
-        results = knn_accuracy(feature_extractor(run.teacher, cfg.eval.features), cfg.eval, run.device, workers=cfg.data.workers)
+        results = knn_accuracy(feature_extractor(run.teacher, cfg.eval.features), cfg.eval, run.device,
+                               workers=cfg.data.workers, mean=cfg.recipe.mean, std=cfg.recipe.std)
         run.evaluations.append({"step": run.step, **results})
         run.telemetry.log_eval(run.step, run.step / run.steps_per_epoch, results)
     if cfg.eval.dense.train_path and run.rank == 0:  # no collectives inside: the other ranks wait at their next one
@@ -251,12 +252,13 @@ def final_knn(run) -> dict:
 
     cfg = run.cfg
     features = lambda model: feature_extractor(model, cfg.eval.features)  # noqa: E731
-    results = {"trained teacher": knn_accuracy(features(run.teacher), cfg.eval, run.device, workers=cfg.data.workers)}
+    common = dict(workers=cfg.data.workers, mean=cfg.recipe.mean, std=cfg.recipe.std)
+    results = {"trained teacher": knn_accuracy(features(run.teacher), cfg.eval, run.device, **common)}
     run.telemetry.log_eval(run.step, run.step / run.steps_per_epoch, results["trained teacher"])
     if cfg.eval.compare_baselines:
         random_model = random_init_model(cfg, run.device)
-        results["random-init backbone"] = knn_accuracy(features(random_model), cfg.eval, run.device, workers=cfg.data.workers)
-        results["raw pixels"] = knn_accuracy(raw_pixel_features, cfg.eval, run.device, workers=cfg.data.workers)
+        results["random-init backbone"] = knn_accuracy(features(random_model), cfg.eval, run.device, **common)
+        results["raw pixels"] = knn_accuracy(raw_pixel_features, cfg.eval, run.device, **common)
         if run.rank == 0:
             (run.run_dir / "knn_comparison.json").write_text(json.dumps(results, indent=2) + "\n")
             print(format_comparison(results), flush=True)

@@ -1,7 +1,8 @@
 """Deterministic evaluation batches for k-NN / linear probe: `EvalLoader` (built by `build_eval_loader`).
 
 Each image: PIL decode -> resize the short side to round(image_size * 256 / 224) (bicubic, as DINO's
-eval) -> center crop image_size -> ToTensor -> ImageNet mean/std. Yields
+eval) -> center crop image_size -> ToTensor -> mean/std normalization (the training recipe's `mean`/`std`, so the
+features are read from the inputs the model was trained on; ImageNet's by default). Yields
 (images [B, 3, S, S] float32 normalized, labels [B] int64, index [B] int64) on the device.
 
 Decisions:
@@ -28,18 +29,18 @@ from pipeline.recipe import IMAGENET_MEAN, IMAGENET_STD
 logger = logging.getLogger(__name__)
 
 
-def eval_transform(image_size: int) -> transforms.Compose:
+def eval_transform(image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> transforms.Compose:
     return transforms.Compose([
         transforms.Resize(round(image_size * 256 / 224), interpolation=InterpolationMode.BICUBIC),
         transforms.CenterCrop(image_size),
         transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        transforms.Normalize(mean, std),
     ])
 
 
 class _EvalSamples(torch.utils.data.Dataset):
-    def __init__(self, source, indices: np.ndarray, image_size: int):
-        self.source, self.indices, self.transform = source, indices, eval_transform(image_size)
+    def __init__(self, source, indices: np.ndarray, image_size: int, mean, std):
+        self.source, self.indices, self.transform = source, indices, eval_transform(image_size, mean, std)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -67,7 +68,8 @@ def _collate(samples: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, i
 class EvalLoader:
     """Iterates (images, labels, index) for one rank; `len()` batches; `.skipped`, `.num_samples`."""
 
-    def __init__(self, path, *, image_size: int, batch_size: int, device, rank: int = 0, world_size: int = 1, workers: int = 2):
+    def __init__(self, path, *, image_size: int, batch_size: int, device, rank: int = 0, world_size: int = 1, workers: int = 2,
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
         if image_size < 1 or batch_size < 1:
@@ -75,7 +77,7 @@ class EvalLoader:
         self.source = open_source(path)
         self.num_samples = len(self.source)
         self.indices = np.arange(self.num_samples)[rank::world_size]
-        self.dataset = _EvalSamples(self.source, self.indices, image_size)
+        self.dataset = _EvalSamples(self.source, self.indices, image_size, mean, std)
         self.batch_size, self.workers, self.device = batch_size, workers, torch.device(device)
         self.skipped = 0
 
