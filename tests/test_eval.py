@@ -240,3 +240,18 @@ def test_training_knn_uses_the_configured_features_and_feeds_the_collapse_monito
     assert [step for step, _ in seen] == [record["step"] for record in logged] == [1, 2, 3]
     for (_, values), record in zip(seen, logged):
         assert values["dino/prototypes_in_use"] == record["dino/prototypes_in_use"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+@pytest.mark.parametrize("program", ["eval_knn", "eval_linear"])
+def test_eval_clis_without_cuda_say_so_in_one_line(trained_run, capsys, program):
+    import importlib
+
+    run_dir, _, _ = trained_run
+    main = importlib.import_module(f"train.{program}").main
+    assert main([str(run_dir), "--device", "cuda"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"{program}: --device cuda: cuda requested but torch.cuda.is_available() is false\n"
+    with pytest.raises(SystemExit):
+        main([str(run_dir), "--device", "gpu"])
+    assert "invalid choice: 'gpu'" in capsys.readouterr().err

@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="teacher features (default: the run's eval.features; auto = patch_mean for FLSL-only runs)")
     parser.add_argument("--baselines", action="store_true", help="also random-init backbone and raw pixels")
     parser.add_argument("--workers", type=int, default=2, help="decode worker processes (default: 2)")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: auto)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser.parse_args(argv)
 

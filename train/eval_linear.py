@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--features", choices=("auto", "cls", "patch_mean", "cls+patch_mean"),
                         help="teacher features (default: the run's eval.features; auto = patch_mean for FLSL-only runs)")
     parser.add_argument("--workers", type=int, default=2, help="decode worker processes (default: 2)")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: auto)")
     return parser.parse_args(argv)
 
 

@@ -14,7 +14,7 @@ import torch
 
 from model import SSLModel
 from train.checkpoint import find_checkpoint
-from train.config import TrainConfig, load_config, resolve_device
+from train.config import ConfigError, TrainConfig, load_config, resolve_device
 
 
 def resolve(path: str | Path) -> tuple[Path, Path]:
@@ -39,7 +39,11 @@ def missing_run_message(path: str | Path, error: FileNotFoundError) -> str:
 
 def load_teacher_for_cli(program: str, path: str | Path, device_name: str):
     """For the eval CLIs: (config, teacher, checkpoint, device), or None after one line on stderr."""
-    device = resolve_device(device_name)
+    try:
+        device = resolve_device(device_name)
+    except ConfigError as error:  # "cuda" without CUDA
+        print(f"{program}: --device {device_name}: {str(error).removeprefix('device: ')}", file=sys.stderr)
+        return None
     try:
         return (*load_teacher(path, device), device)
     except FileNotFoundError as error:
