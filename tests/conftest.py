@@ -19,6 +19,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # `import imagefactory
 import imagefactory  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def temporary_files_under_pytest(tmp_path_factory):
+    """Temporary files of the code under test (e.g. `--benchmark`'s run folder, `tempfile.mkdtemp`) and of
+    the processes it starts go under pytest's own temporary tree, which pytest prunes, not into /tmp."""
+    import os
+    import tempfile
+
+    folder = str(tmp_path_factory.mktemp("tmp"))
+    previous = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"], tempfile.tempdir = folder, folder
+    yield
+    if previous[0] is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = previous[0]
+    tempfile.tempdir = previous[1]
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
