@@ -238,7 +238,7 @@ def test_cli_errors_are_one_line(trained_run, mosaics, tmp_path, capsys):
         assert captured.err.count("\n") == 1 and captured.err.startswith("eval_dense: ") and message in captured.err, captured.err
     if not torch.cuda.is_available():
         assert main([str(run_dir), *map(str, sets), "--device", "cuda"]) == 2
-        assert capsys.readouterr().err == "eval_dense: device: cuda requested but torch.cuda.is_available() is false\n"
+        assert capsys.readouterr().err == "eval_dense: --device cuda: cuda requested but torch.cuda.is_available() is false\n"
     result = run_cli(run_dir, "--train", other, "--val", val_path)  # the real command: no traceback either
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "has no per-pixel masks" in result.stderr
 
