@@ -81,6 +81,7 @@ class DataConfig:
     prefetch: int = 2  # stage-1 batches decoded ahead in a background thread (0 = everything in the caller)
     views_ahead: bool = True  # dali/ffcv: make the views of batch i+1 in a second thread during step i (needs prefetch > 0)
     verify_crc: bool = True  # check each .beton record's stored crc32 before decoding (skip and count a mismatch)
+    max_samples: int = 0  # > 0: an epoch is this many evenly spaced samples of the dataset (a short run on a big set)
 
     def validate(self) -> "DataConfig":
         if not self.path:
@@ -94,7 +95,17 @@ class DataConfig:
             raise ValueError(f"data.dtype: must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.prefetch < 0:
             raise ValueError(f"data.prefetch: must be >= 0, got {self.prefetch}")
+        if self.max_samples < 0:
+            raise ValueError(f"data.max_samples: must be >= 0 (0 = every sample), got {self.max_samples}")
         return self
+
+
+def training_subset(dataset_size: int, max_samples: int) -> np.ndarray:
+    """The dataset indices an epoch draws from: all of them, or `max_samples` evenly spaced ones (every class
+    of a class-sorted folder keeps its share)."""
+    if max_samples <= 0 or max_samples >= dataset_size:
+        return np.arange(dataset_size)
+    return np.arange(max_samples) * dataset_size // max_samples
 
 
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
@@ -159,7 +170,8 @@ class ViewsLoader:
         self.skipped = 0  # corrupt records dropped so far (all epochs; a record counts each time it is met)
         self.skipped_records: dict[int, str] = {}  # index -> reason, each corrupt record met so far
         self.timings: dict[str, float] | None = None  # bench --profile: seconds per stage
-        self.num_samples = len(source)
+        self.sample_ids = training_subset(len(source), data.max_samples)  # dataset index of each sample
+        self.num_samples = len(self.sample_ids)
         self._views_timers: list[ViewsTimer] = []  # batches handed over, views time not yet taken
         self._active = None  # the stream of the iteration in progress (closed before another starts)
 
@@ -204,10 +216,12 @@ class ViewsLoader:
         return total
 
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
-        return rank_batches(
+        """This rank's batches of `epoch` as dataset indices."""
+        batches = rank_batches(
             self.num_samples, self.data.batch_size, seed=self.seed, epoch=epoch, rank=self.rank,
             world_size=self.world_size, drop_last=self.data.drop_last,
         )
+        return [self.sample_ids[batch] for batch in batches]
 
     def __iter__(self):
         self.close()  # an abandoned iteration (e.g. before a resume) must not share the engine with this one

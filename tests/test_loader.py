@@ -56,6 +56,25 @@ def test_rank_batches_shard_the_epoch_permutation():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_max_samples_trains_on_an_evenly_spaced_subset_every_epoch(beton, recipe, backend):
+    """`data.max_samples=5` of 12 images: every epoch shows exactly ids {0, 2, 4, 7, 9} (12 k // 5) once, in
+    a new order; the length, the ids of each batch and the views follow the subset (drop_last=False pads)."""
+    loader = make_loader(beton, recipe, backend, batch_size=2, drop_last=False, max_samples=5,
+                         workers=0 if backend == "reference" else 1)
+    assert len(loader) == 3
+    orders = []
+    for epoch in (0, 1):
+        views = collect(loader, epoch=epoch)
+        ids = torch.cat([v.index for v in views]).tolist()
+        assert sorted(ids[:5]) == [0, 2, 4, 7, 9] and set(ids[5:]) <= {0, 2, 4, 7, 9}, ids
+        orders.append(ids[:5])
+    assert orders[0] != orders[1]
+    with pytest.raises(ValueError, match="data.max_samples: must be >= 0"):
+        DataConfig(path=str(beton), max_samples=-1).validate()
+    assert len(make_loader(beton, recipe, backend, batch_size=2, max_samples=50, workers=0)) == 6  # > size: all 12
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_every_backend_yields_the_views_contract(loaders, recipe, backend):
     loader = loaders[backend]
     assert len(loader) == 3 and loader.num_samples == NUM_IMAGES
