@@ -22,24 +22,25 @@ Remaining deviations from the released code, with reasons:
 - Gradient clipping (global norm, DeepSpeed; released: per parameter), last-layer freeze and precision as
   in `model/methods/dino.py`.
 
-What the telemetry showed on the Fashion-MNIST demo (configs/demo_fashion_mnist.yaml, 300 steps of batch
-64, log every 25; 2026-11-29, CPU): with the old recipe (queries of 2-8% of the 28 px image, tau_t 0.04)
-the query loss fell to 0.26 by step 75 and 0.14 at step 300 while DINO's stayed 3.4-5.3, because the
-query targets collapsed partially: one-hot rows (adclr/target_entropy 0.06-0.16 nats of log 256 = 5.55)
-on about 8 prototypes (adclr/prototypes_in_use 6.7-9.0 of 256), matched almost exactly (adclr/kl 0.06-0.12).
-Not an implementation fault (the loss, pairing and centre match their loop tests): a query is the same
-pixels in both views, so the student predicts the teacher's query from the query token itself, and the
-demo's queries had few distinct appearances. An 8 x 8 query resized from 4-8 px of a 28 px grey image is a
-flat patch: 20% of them were pure black background (pixel mean < 0.05) and all of those took the same
-prototype (entropy 0.008); the 1,024 queries of 4 batches used 14 distinct argmax prototypes. No centring
-can split identical inputs. Fix (recipe): queries of 10-25% of the image (a garment part, 9-14 px): black
-queries 20% -> 4%, prototypes in use 8.5 -> 12.9 at step 300; plus the released ADCLR tau_t 0.07, which
-slows the sharpening: at step 300 the targets keep 0.51 nats on 19.2 prototypes in use (40 distinct
-argmax prototypes), KL 0.06, loss 0.57; the full 2-epoch demo ends at 23.6 prototypes in use, 0.20 nats,
-KL 0.02, with k-NN 72.28 / 97.32 (top-1 / top-5; 72.14 / 97.44 before). DINO's own targets flatten to
-4.8-5.0 nats on 210-230 prototypes after the lr warm-up in every run, a DINO-only run included (not the
-query term's doing), and sharpen again later (2.8 nats on 83 prototypes at the end). The query term stays
-a low-information one on 28 px grey images; ImageNet queries (1-5% of 224 px = 22-50 px) are far richer.
+What the telemetry showed on the Fashion-MNIST demo (configs/demo_fashion_mnist.yaml as it was then: 2
+epochs of all 60,000 images at lr 0.002; 300 steps of batch 64, log every 25; 2026-11-29, CPU): with the
+old recipe (queries of 2-8% of the 28 px image, tau_t 0.04) the query loss fell to 0.26 by step 75 and 0.14
+at step 300 while DINO's stayed 3.4-5.3, because the query targets collapsed partially: one-hot rows
+(adclr/target_entropy 0.06-0.16 nats of log 256 = 5.55) on about 8 prototypes (adclr/prototypes_in_use
+6.7-9.0 of 256), matched almost exactly (adclr/kl 0.06-0.12). Not an implementation fault (the loss,
+pairing and centre match their loop tests): a query is the same pixels in both views, so the student
+predicts the teacher's query from the query token itself, and the demo's queries had few distinct
+appearances. An 8 x 8 query resized from 4-8 px of a 28 px grey image is a flat patch: 20% of them were
+pure black background (pixel mean < 0.05) and all of those took the same prototype (entropy 0.008); the
+1,024 queries of 4 batches used 14 distinct argmax prototypes. No centring can split identical inputs. Fix
+(recipe): queries of 10-25% of the image (a garment part, 9-14 px): black queries 20% -> 4%, prototypes in
+use 8.5 -> 12.9 at step 300; plus the released ADCLR tau_t 0.07, which slows the sharpening: at step 300
+the targets keep 0.51 nats on 19.2 prototypes in use (40 distinct argmax prototypes), KL 0.06, loss 0.57;
+the full 2-epoch demo ends at 23.6 prototypes in use, 0.20 nats, KL 0.02, with k-NN 72.28 / 97.32 (top-1 /
+top-5; 72.14 / 97.44 before). DINO's own targets flatten to 4.8-5.0 nats on 210-230 prototypes after the lr
+warm-up in every run, a DINO-only run included (not the query term's doing), and sharpen again later (2.8
+nats on 83 prototypes at the end). The query term stays a low-information one on 28 px grey images;
+ImageNet queries (1-5% of 224 px = 22-50 px) are far richer.
 """
 from __future__ import annotations
 
