@@ -184,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = {labels[p]: [row_figures(read_records(run_dir(runs_root, p, s))) for s in args.seeds] for p in args.rows}
     rows.update({label: [figures] for label, figures in
                  baseline_figures(run_dir(runs_root, args.rows[0], args.seeds[0])).items()})
-    command = "python3 benchmarks/methods_table.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    arguments = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--collect-only"]
+    command = "python3 benchmarks/methods_table.py " + " ".join(arguments)  # the command that trains and writes all
     write_report(args.out, markdown_table(rows), header(command, args.seeds))
     print(markdown_table(rows))
     return 0
