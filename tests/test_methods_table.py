@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -121,7 +120,6 @@ def test_regenerating_keeps_the_notes(tmp_path):
     assert text.endswith(f"{methods_table.NOTES_MARKER}\n\nFinding: ADCLR wins.\n")
 
 
-def test_collect_only_without_runs_is_one_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["methods_table.py"])
+def test_collect_only_without_runs_is_one_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="metrics.jsonl does not exist; train the row first"):
         methods_table.main(["--out", str(tmp_path / "t.md"), "--runs-root", str(tmp_path), "--collect-only"])
