@@ -23,7 +23,7 @@ done
 
 # The dense task of the demo and the methods' table: mosaics of 2-3 items (64 px, per-pixel labels);
 # the first 500 train / 250 val mosaics are the dense evaluation's memory and validation sets.
-if [[ -f data/fashion-mosaics-train.manifest.json && -f data/fashion-mosaics-val.manifest.json ]]; then
+if [[ -f data/fashion-mosaics-train.beton && -f data/fashion-mosaics-val.beton ]]; then   # written last
     echo "== data/fashion-mosaics-{train,val}.beton exist (delete them to rebuild)"
 else
     $PYTHON -m preprocess build-mosaics /usr/share/datasets/fashion-mnist data/fashion-mosaics \
