@@ -151,6 +151,8 @@ def header(command: str, seeds: list[int]) -> str:
         "20 neighbours. Dense: mosaics of 2-3 items (64 px, 11 classes with background; 500 train mosaics as "
         "the memory / probe set, 250 validation mosaics), `python -m train.eval_dense`. Prototypes in use: "
         "exp of the entropy of the batch-mean teacher target of each term at the last log step (of 256).",
+        *(["", f"Several seeds: mean (min-max); prototypes and images/s: mean and median. Baseline rows: the random "
+           f"init and evaluation sets of seed {seeds[0]}."] if len(seeds) > 1 else []),
     ])
 
 
