@@ -353,12 +353,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    try:
-        loaded = load_teacher_for_cli("eval_dense", args.path, args.device)
-    except ValueError as error:  # --device cuda without CUDA (train.config.ConfigError)
-        print(f"eval_dense: {error}", file=sys.stderr)
-        return 2
-    if loaded is None:  # a bad path, already reported in one line
+    loaded = load_teacher_for_cli("eval_dense", args.path, args.device)
+    if loaded is None:  # a bad path, device or run config, already reported in one line
         return 2
     config, teacher, checkpoint, device = loaded
     settings = settings_from(args, config)

@@ -49,6 +49,9 @@ def load_teacher_for_cli(program: str, path: str | Path, device_name: str):
     except FileNotFoundError as error:
         print(f"{program}: {missing_run_message(path, error)}", file=sys.stderr)
         return None
+    except ConfigError as error:  # the run's config.yaml does not load (hand-edited, another version)
+        print(f"{program}: {error}", file=sys.stderr)
+        return None
 
 
 def load_teacher(path: str | Path, device: torch.device | str = "cpu") -> tuple[TrainConfig, SSLModel, Path]:
