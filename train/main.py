@@ -213,22 +213,33 @@ def build_run(cfg, device, benchmark_steps: int = 0, warmup_steps: int = 5):
 def periodic_eval(run, epoch: int) -> None:
     """k-NN and dense evaluation of the teacher every `eval.every_epochs` epochs (not after the last one:
     `final_knn` / `final_dense` do that)."""
-    from train.knn import feature_extractor, knn_accuracy
+    from train.knn import feature_extractor
 
     cfg, every = run.cfg, run.cfg.eval.every_epochs
     if not (every and epoch % every == 0 and run.step < run.total_steps):
         return
     if cfg.eval.train_path:
-        results = knn_accuracy(feature_extractor(run.teacher, cfg.eval.features), cfg.eval, run.device,
-                               workers=cfg.data.workers, mean=cfg.recipe.mean, std=cfg.recipe.std)
+        results = run_knn(run, feature_extractor(run.teacher, cfg.eval.features))
         run.evaluations.append({"step": run.step, **results})
         run.telemetry.log_eval(run.step, run.step / run.steps_per_epoch, results)
     if cfg.eval.dense.train_path and run.rank == 0:  # no collectives inside: the other ranks wait at their next one
         from train.eval_dense import dense_scores
 
-        scores = dense_scores(run.teacher, cfg.eval.dense, run.device, mean=cfg.recipe.mean, std=cfg.recipe.std)
-        run.telemetry.log_eval(run.step, run.step / run.steps_per_epoch, {f"dense_{k}": v for k, v in scores.items()})
+        log_dense(run, dense_scores(run.teacher, cfg.eval.dense, run.device, mean=cfg.recipe.mean, std=cfg.recipe.std))
     run.telemetry.restart_interval(run.step)
+
+
+def run_knn(run, feature_fn) -> dict:
+    """k-NN of `feature_fn` on the run's evaluation sets, images normalized as the run trains."""
+    from train.knn import knn_accuracy
+
+    cfg = run.cfg
+    return knn_accuracy(feature_fn, cfg.eval, run.device, workers=cfg.data.workers, mean=cfg.recipe.mean, std=cfg.recipe.std)
+
+
+def log_dense(run, scores: dict) -> None:
+    """A dense evaluation's scores as `dense_*` fields of an eval record."""
+    run.telemetry.log_eval(run.step, run.step / run.steps_per_epoch, {f"dense_{k}": v for k, v in scores.items()})
 
 
 def print_saved_comparison(run) -> None:
@@ -247,18 +258,16 @@ def print_saved_comparison(run) -> None:
 
 def final_knn(run) -> dict:
     """k-NN of the trained teacher; with `eval.compare_baselines`, also random-init and raw pixels."""
-    from train.knn import feature_extractor, format_comparison, knn_accuracy, raw_pixel_features
+    from train.knn import feature_extractor, format_comparison, raw_pixel_features
     from train.restore import random_init_model
 
     cfg = run.cfg
-    features = lambda model: feature_extractor(model, cfg.eval.features)  # noqa: E731
-    common = dict(workers=cfg.data.workers, mean=cfg.recipe.mean, std=cfg.recipe.std)
-    results = {"trained teacher": knn_accuracy(features(run.teacher), cfg.eval, run.device, **common)}
+    results = {"trained teacher": run_knn(run, feature_extractor(run.teacher, cfg.eval.features))}
     run.telemetry.log_eval(run.step, run.step / run.steps_per_epoch, results["trained teacher"])
     if cfg.eval.compare_baselines:
         random_model = random_init_model(cfg, run.device)
-        results["random-init backbone"] = knn_accuracy(features(random_model), cfg.eval, run.device, **common)
-        results["raw pixels"] = knn_accuracy(raw_pixel_features, cfg.eval, run.device, **common)
+        results["random-init backbone"] = run_knn(run, feature_extractor(random_model, cfg.eval.features))
+        results["raw pixels"] = run_knn(run, raw_pixel_features)
         if run.rank == 0:
             (run.run_dir / "knn_comparison.json").write_text(json.dumps(results, indent=2) + "\n")
             print(format_comparison(results), flush=True)
@@ -279,8 +288,7 @@ def final_dense(run) -> dict | None:
         sources["random-init backbone"] = random_init_model(cfg, run.device)
         sources["raw patch pixels"] = PixelPatches(run.teacher.patch_size)
     results = compare_dense(sources, cfg.eval.dense, run.device, mean=cfg.recipe.mean, std=cfg.recipe.std)
-    teacher = {f"dense_{k}": v for k, v in results["trained teacher"].items()}
-    run.telemetry.log_eval(run.step, run.step / run.steps_per_epoch, teacher)
+    log_dense(run, results["trained teacher"])
     (run.run_dir / "dense_comparison.json").write_text(json.dumps(results, indent=2) + "\n")
     print(format_dense_table(results, cfg.eval.dense), flush=True)
     return results
