@@ -13,6 +13,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import imagefactory
@@ -366,7 +367,14 @@ def test_gpu_decoders_match_cpu(beton):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_batched_canvas_matches_the_per_image_resize():
-    """The CUDA path itself (fp16 tensor-core matmuls) on photo-sized images, one over 2 S."""
+    """The CUDA path itself (fp16 tensor-core matmuls) on photo-sized images, one over 2 S.
+
+    Against the exact (float64) resize, each pixel of an image resized in one step is off by at most
+    0.5 (the final rounding) + 0.375 (fp16: weights to 2^-11 of 255 per pass, 0.125 twice; the fp16
+    intermediate and result, 0.0625 each), and nearly unbiased (mean signed error < 0.1 level; fp16 weights sum to 1 within 2^-11: 0.03 at 480 x 640 on the CPU). Random noise is
+    the worst case: ~5% of its pixels land one level from round(exact) (5.2% at 480 x 640 on an H200,
+    2026-12-04, where an earlier 5% bound on that fraction failed). The image over 2 S is first shrunk
+    in float and rounded, so it is held to one level of that per-image path instead."""
     from pipeline.backends.canvas import batched_canvas, images_to_canvas
 
     cuda = torch.device("cuda")
@@ -377,9 +385,14 @@ def test_gpu_batched_canvas_matches_the_per_image_resize():
     through_api, extent = images_to_canvas(images, 512, cuda)
     assert torch.equal(canvas, through_api) and extent.cpu().tolist() == [list(t) for t in targets]
     for i, (image, (height, width)) in enumerate(zip(images, targets)):
-        expected = float_shrink(image, height, width) if (height, width) != tuple(image.shape[1:]) else image
-        difference = (canvas[i, :height, :width].permute(2, 0, 1).int() - expected.int()).abs()
-        assert difference.max() <= 1 and (difference > 0).float().mean() < 0.05, sizes[i]
+        made = canvas[i, :height, :width].permute(2, 0, 1).double()
+        if max(image.shape[1:]) > 2 * 512:
+            assert (made - float_shrink(image, height, width).double()).abs().max() <= 1, sizes[i]
+        else:
+            exact = F.interpolate(image[None].double(), size=(height, width), mode="bilinear", antialias=True,
+                                  align_corners=False)[0] if (height, width) != tuple(image.shape[1:]) else image.double()
+            error = made - exact
+            assert error.abs().max() <= 0.875 and error.mean().abs() < 0.1, (sizes[i], error.abs().max(), error.mean())
         assert canvas[i, height:].sum() == 0 and canvas[i, :, width:].sum() == 0
 
 

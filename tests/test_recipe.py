@@ -3,6 +3,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline.recipe import PRESET_NAMES, CropSpec, QuerySpec, SwapSpec, ViewRecipe, recipe_preset
 
@@ -168,10 +169,13 @@ def test_reference_draws_the_released_per_view_choice_of_blur_and_solarize(monke
         assert abs(counts[name] / crops - expected) < tolerance, (name, counts[name] / crops)
 
 
-def test_dali_ops_graph_applies_the_alternative_setting(beton):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_dali_ops_graph_applies_the_alternative_setting(beton, device):
     """The op-per-view DALI baseline honours `alt_p`: a crop that drew the alternative uses alt_solarize_p.
     Solarizing at threshold 0 inverts every pixel, so the crops' mean red level tells: base colour (index
-    n has red 40 + 35 (n % 6), within +-18 of the ramp) or 255 minus it."""
+    n has red 40 + 35 (n % 6), within +-18 of the ramp) or 255 minus it. On CUDA the graph's float
+    output is copied out as float (a uint8 copy target failed there on 2026-12-04)."""
     import dataclasses
 
     from pipeline.backends.dali_ops import DaliOpsViews
@@ -187,7 +191,9 @@ def test_dali_ops_graph_applies_the_alternative_setting(beton):
     source = open_source(beton)
     for name, (augment, inverted) in cases.items():
         recipe = dataclasses.replace(base, global_augment=augment, local_views=dataclasses.replace(base.local_views, count=0))
-        views = next(DaliOpsViews(source, recipe, batch_size=4, threads=1, device="cpu", dtype="float32").views_batches([np.arange(4)], [0]))[0]
+        views = next(DaliOpsViews(source, recipe, batch_size=4, threads=1, device=device, dtype="float32").views_batches([np.arange(4)], [0]))[0]
+        assert views.global_crops.device.type == device
+        views = dataclasses.replace(views, global_crops=views.global_crops.cpu())
         mean, std = recipe.mean[0], recipe.std[0]
         red = (views.global_crops[:, :, 0].mean(dim=(-1, -2)) * std + mean) * 255  # [G, B]
         for column, index in enumerate(views.index.tolist()):

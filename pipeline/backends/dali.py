@@ -162,13 +162,15 @@ def _first_line(error: BaseException) -> str:
 
 
 def dali_to_torch(output, device: torch.device) -> torch.Tensor:
-    """A dense DALI TensorList -> a torch tensor on `device` (a copy: DALI reuses its buffers)."""
+    """A dense DALI TensorList -> a torch tensor on `device` of the output's own dtype (a copy: DALI
+    reuses its buffers). The decode graph gives uint8, the `dali-ops` baseline's normalize gives float32."""
     dense = output.as_tensor()
     if device.type == "cuda":
         from nvidia.dali.plugin.pytorch import feed_ndarray
+        from nvidia.dali.plugin.pytorch.torch_utils import to_torch_type
 
         stream = torch.cuda.current_stream(device)
-        result = torch.empty(dense.shape(), dtype=torch.uint8, device=device)
+        result = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype], device=device)
         feed_ndarray(dense, result, cuda_stream=stream)
         # host wait, in the reading thread only: the copy out of DALI's buffer must be done before the
         # next run() can overwrite that buffer
