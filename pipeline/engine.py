@@ -71,7 +71,10 @@ class ViewsEngine:
     photometric=False switches the colour ops off (flips stay): for tests that compare pixels with boxes.
     compile: wrap the (masked, static-shape) photometric ops in `torch.compile` (fuses ~30 elementwise
     passes per view kind into a few kernels; 1.6x over the masked path on CPU after a ~50 s compile, not
-    compared with the subset path; meant for CUDA, where it was not yet measured).
+    compared with the subset path). Not on CUDA as it stands: on an H200 (2026-12-04,
+    benchmarks/gpu/profile_views.py, ADCLR + swaps, batch 256) it made a batch in 43.4 ms against 29.4 ms
+    eager, because the compiled blur became cuDNN grouped convolutions (22.6 ms of device time for six,
+    against 3.0 ms for the eager depthwise kernels).
     pyramid_levels: atlas levels for antialiasing (1 = none; 4 covers shrinks up to 16x, e.g. a 512 canvas
     to a 16 px query); recipe.antialias=False also means 1.
     On the CPU the engine keeps its atlas between calls: one engine per thread (the loader calls it from one).

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CALLS = {  # run.sh mode: the stages it runs, in order (the smoke runs all three calls' stages)
-    "core": ["machine", "corpus", "train_adclr_vit_s16", "views_ffcv_vs_reference"],
+    "core": ["machine", "corpus", "train_adclr_vit_s16", "views_ffcv_vs_reference", "views_engine"],
     "dali": ["views_dali_vs_dali-ops", "gpu_tests", "train_dino_vit_s16"],
     "more": ["train_adclr_vit_b16", "train_adclr_vit_s16_zero0", "train_adclr_vit_s16_zero3", "views_dali_vs_reference"],
 }
@@ -67,7 +68,13 @@ def test_cpu_smoke_runs_every_stage_and_leaves_its_files(smoke):
         assert [b["backend"] for b in results["backends"]] == backends and results["args"]["swap"] is swap
         assert results["ratio"] == pytest.approx(results["backends"][0]["images_per_s"] / results["backends"][1]["images_per_s"])
         assert f"{backends[0]}/{backends[1]} {results['ratio']:.2f}x" in status[name]
-    assert "passed" in status["gpu_tests"] or "skipped" in status["gpu_tests"].split(";")[-1]
+    engine = json.loads((out / "views_engine.json").read_text())
+    assert engine["swap"] and [run["engine"] for run in engine["results"]] == ["eager"]
+    run = engine["results"][0]
+    assert run["batch_size"] == 8 and run["images_per_s"] == pytest.approx(1000 * 8 / run["median_ms"])
+    assert run["kernels"] and f"eager {run['median_ms']:.1f} ms per batch of 8" in status["views_engine"]
+    # pytest's own result line (on the H200 a NCCL warning printed after it once took its place)
+    assert re.search(r"; \d+ (passed|skipped).* in [0-9.]+s$", status["gpu_tests"]), status["gpu_tests"]
     assert (out / "figures.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     log = (out / "run.log").read_text()
     assert all(f"=== {name}: exit 0" in log for name in stages)
@@ -94,11 +101,12 @@ def test_report_summarizes_and_plots_the_smokes_json(smoke, tmp_path):
     import report
 
     results = report.collect([smoke])
-    assert sorted(results) == sorted(["corpus", *TRAINING, *VIEWS])
+    assert sorted(results) == sorted(["corpus", "views_engine", *TRAINING, *VIEWS])
     assert report.line(results["corpus"]).startswith(f"48 records, mean {results['corpus']['mean_kb']:.1f} KB")
     drawn = report.plot(results, tmp_path / "figures.png")
     assert (tmp_path / "figures.png").read_bytes()[:4] == b"\x89PNG"
     expected_bars = {(f"{name}: {row['backend']}", row["images_per_s"]) for name in VIEWS for row in results[name]["backends"]}
+    expected_bars.add(("views_engine: engine alone, eager", results["views_engine"]["results"][0]["images_per_s"]))
     assert {(label.split(" (")[0] + ": " + label.split(": ")[-1], rate) for label, rate in drawn["views"]} == expected_bars
     assert set(drawn["train"]) == set(TRAINING)
     for name, parts in drawn["train"].items():

@@ -3,12 +3,13 @@
     python3 benchmarks/gpu/report.py line RESULT.json          # the summary line run.sh appends
     python3 benchmarks/gpu/report.py plot DIR [DIR ...] --out figures.png
 
-Three kinds of JSON, told apart by their keys: `pipeline.bench --json` (views: "backends"), `train/main.py
---benchmark --json` (training: "images_per_second") and run.sh's corpus report ("count" or "reused").
+Four kinds of JSON, told apart by their keys: `pipeline.bench --json` (views: "backends"), `train/main.py
+--benchmark --json` (training: "images_per_second"), `benchmarks/gpu/profile_views.py --json` (the views
+engine alone: "results") and run.sh's corpus report ("count" or "reused").
 
 The PNG (issue 12 item 7) has two panels:
 - views: images/s of every backend of every views run, the runs side by side (a run measures its two
-  backends in turns in one process), each run labelled with its ratio;
+  backends in turns in one process), each run labelled with its ratio, and the views engine alone;
 - training: each run's step time split into data wait (host), forward+backward and optimizer+EMA
   (device, CUDA events) and the rest of the wall time (launch gaps, logging), with the views' device
   time as a separate bar below it: made ahead on their own stream, it overlaps the step rather than
@@ -32,12 +33,14 @@ def kind(result: dict) -> str:
         return "train"
     if "count" in result or "reused" in result:
         return "corpus"
+    if "results" in result:
+        return "engine"
     raise ValueError(f"not a run.sh result (keys: {sorted(result)[:8]})")
 
 
 def line(result: dict) -> str:
     """One summary line of a result."""
-    return {"views": views_line, "train": train_line, "corpus": corpus_line}[kind(result)](result)
+    return {"views": views_line, "train": train_line, "corpus": corpus_line, "engine": engine_line}[kind(result)](result)
 
 
 def views_line(result: dict) -> str:
@@ -70,6 +73,17 @@ def corpus_line(result: dict) -> str:
             f"({result['records_per_s']:.0f} records/s, {result['workers']} workers), JPEG quality {result['quality']}")
 
 
+def engine_line(result: dict) -> str:
+    """Per engine variant: median ms per batch, images/s, and its three costliest ops."""
+    parts = []
+    for run in result["results"]:
+        ops = [k for k in run["kernels"] if k["name"].startswith("aten::")][:3]
+        top = ", ".join(f"{k['name'].removeprefix('aten::')} {k['self_ms']:.1f} ms" for k in ops)
+        parts.append(f"{run['engine']} {run['median_ms']:.1f} ms per batch of {run['batch_size']} "
+                     f"({run['images_per_s']:,.0f} img/s; top: {top})")
+    return "; ".join(parts)
+
+
 def _ms(value) -> str:
     return "n/a" if value is None else f"{value:.1f}"
 
@@ -95,7 +109,7 @@ def plot(results: dict[str, dict], out: Path) -> dict:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    views = {name: r for name, r in results.items() if kind(r) == "views"}
+    views = {name: r for name, r in results.items() if kind(r) in ("views", "engine")}
     trains = {name: r for name, r in results.items() if kind(r) == "train"}
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(11, 4 + 0.7 * (len(views) + 2 * len(trains))), squeeze=True)
     drawn = {"views": _views_panel(top, views), "train": _train_panel(bottom, trains)}
@@ -114,6 +128,12 @@ def _views_panel(axis, views: dict) -> list:
     labels, rates, colours = [], [], []
     palette = {"dali": "tab:green", "ffcv": "tab:blue", "reference": "tab:grey", "dali-ops": "tab:orange"}
     for name, result in views.items():
+        if kind(result) == "engine":  # the engine alone, canvas already on the device
+            for run in result["results"]:
+                labels.append(f"{name}{' (swaps)' if result.get('swap') else ''}: engine alone, {run['engine']}")
+                rates.append(run["images_per_s"])
+                colours.append("tab:olive")
+            continue
         swaps = ", swaps" if result.get("args", {}).get("swap") else ""
         ratio = f" ({result['ratio']:.1f}x{swaps})" if "ratio" in result else ""
         for row in result["backends"]:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU measurements of one lease, in calls (benchmarks/gpu/README.md has the exact device calls):
 #   bash benchmarks/gpu/run.sh core [--budget S]   call 1, with the core kit: machine facts, the corpus,
-#                                                   ViT-S/16 ADCLR training from the .beton, ffcv views vs PIL
+#                                                   ViT-S/16 ADCLR training from the .beton, ffcv views vs PIL,
+#                                                   the views engine alone (its top kernels)
 #   bash benchmarks/gpu/run.sh dali [--budget S]   the call that installs DALI: dali views vs the op-per-view
 #                                                   DALI graph, the GPU-marked tests, DINO ViT-S/16 training
 #   bash benchmarks/gpu/run.sh more [--budget S]   if device time is left: ADCLR ViT-B/16, ZeRO-0/3, dali vs PIL
@@ -46,7 +47,7 @@ if [[ $mode == --cpu-smoke ]]; then  # tiny sizes on the CPU; every stage of eve
     work=$OUT/work
     rm -rf "$work"
     device=cpu workers=2 views_batch=8 train_batch=8 views_seconds=3 bench_flags="--tiny --warmup-batches 1 --segment-batches 1"
-    corpus_count=48 train_steps="--benchmark 2 --warmup-steps 1"
+    corpus_count=48 train_steps="--benchmark 2 --warmup-steps 1" engine_flags="--tiny --warmup 1 --runs 2"
     train_config=(--config configs/cpu_smoke.yaml data.canvas_size=96)
     mkdir -p "$work"  # the Python commands run in a pre-warmed interpreter (warm_python.py says why)
     warm_socket=$work/warm.sock
@@ -60,7 +61,7 @@ else
     OUT=${out_dir:-${OUT:-/tmp/out}}
     work=${GPU_BENCH_WORK:-/tmp/gpu-bench}
     device=cuda workers=16 views_batch=256 train_batch=256 views_seconds=50 bench_flags=""
-    corpus_count=8000 train_steps="--benchmark 30 --warmup-steps 10"
+    corpus_count=8000 train_steps="--benchmark 30 --warmup-steps 10" engine_flags=""
     train_config=(log.progress_bar=false)
     PY=(python3)
 fi
@@ -94,7 +95,8 @@ stage() {  # stage NAME LIMIT_S COMMAND...: run it if the time left allows; appe
         cp "$OUT/$name.json" "$work/results/$name.json"
         figures="; $(python3 benchmarks/gpu/report.py line "$OUT/$name.json" 2>&1)"
     elif [[ $name == gpu_tests ]]; then
-        figures="; $(tail -n 1 "$work/$name.log")"
+        # pytest's result line ("19 passed, ... in 42.79s"), not whatever a library printed at exit after it
+        figures="; $(grep -E '(passed|failed|skipped|error).* in [0-9.]+s' "$work/$name.log" | tail -n 1)"
     fi
     note "$name: exit $rc after ${took} s${figures}"
     return $rc
@@ -166,6 +168,8 @@ core_stages() {
     stage corpus 120 build_corpus
     train train_adclr_vit_s16 configs/adclr_vit_s16.yaml data.backend=ffcv deepspeed.zero_stage=2
     views views_ffcv_vs_reference ffcv reference --swap
+    stage views_engine 60 "${PY[@]}" benchmarks/gpu/profile_views.py --data "$beton" --swap --device $device \
+        --batch-size $views_batch $engine_flags --json "$OUT/views_engine.json"
 }
 
 dali_stages() {
