@@ -35,7 +35,8 @@ Decisions:
   levels by a few units, never pixels.
 - Each set is written atomically on its own (`preprocess.build.write_beton`: the masks are renamed
   into place before the manifest, the `.beton` last); both outputs are checked before either is
-  written. Canvases and masks are built in memory (2 x count x size^2 bytes; 0.5 GB for 60,000 at 64 px).
+  written. Canvases and masks are built in memory (2 x count x size^2 bytes; 0.5 GB for 60,000 at 64 px);
+  a count whose split would not fit in three quarters of the memory available is refused up front.
 """
 from __future__ import annotations
 
@@ -204,6 +205,7 @@ def build_mosaics(source, out_prefix, *, train_count: int, val_count: int, spec:
     for name, count in counts.items():
         if count < 1:
             raise ValueError(f"{name}_count: must be >= 1 mosaic, got {count}")
+        check_memory(name, count, spec)
     paths = split_paths(out_prefix)
     for path in paths.values():  # both checked before either is written
         check_output(path, overwrite)
@@ -214,6 +216,23 @@ def build_mosaics(source, out_prefix, *, train_count: int, val_count: int, spec:
         mosaics = make_mosaics(images, labels, counts[name], spec, seed, stream)
         reports[name] = _write_split(mosaics, listed, paths[name], spec, seed, options, workers, show_progress)
     return reports
+
+
+def check_memory(name: str, count: int, spec: MosaicSpec, available: int | None = None) -> None:
+    """A split's canvases and masks (2 x count x size^2 bytes) must fit in the memory available now,
+    with a quarter to spare for encoding: a typo in a count is one line, not an out-of-memory kill."""
+    import psutil
+
+    needed = 2 * count * spec.size ** 2
+    available = psutil.virtual_memory().available if available is None else available
+    if 4 * needed > 3 * available:
+        raise ValueError(f"{name}_count: {count:,} mosaics of {spec.size} px need {_gigabytes(needed)} in memory "
+                         f"(canvases and masks, 2 x count x size^2 bytes), {_gigabytes(available)} are available: "
+                         f"make fewer")
+
+
+def _gigabytes(size: int) -> str:
+    return f"{size / 1e9:,.1f} GB" if size >= 1e8 else f"{size / 1e9:.3f} GB"
 
 
 def _open_idx(source, split: str) -> Source:

@@ -10,10 +10,14 @@ Decisions:
   i when nothing is skipped and every file has one of its extensions). A SRC with image files but no folders is
   unlabelled (label -1). Files with a non-image extension, and files lying next to class folders,
   are listed as skipped; hidden files and folders (".name") are ignored silently.
-- File list (.csv/.tsv/.txt): rows `path[,label]`, an optional header row whose first cell is
-  `path`/`file`/`filename`/`image`; relative paths are relative to the list's folder. Labels that are
-  all integers are used as ids (classes "0".."max"); otherwise the sorted distinct names get ids.
-  An empty label means -1.
+- File list (.csv/.tsv/.txt, UTF-8 with or without the BOM that Excel's "CSV UTF-8" writes): rows
+  `path[,label]`, an optional header row whose first cell is `path`/`file`/`filename`/`image`;
+  relative paths are relative to the list's folder. Labels that are all integers are class ids
+  (classes "0".."max", so a train and a test list give one class the same id whatever each holds), at
+  most MAX_CLASS_ID: a larger one is refused with its line (a typo must not allocate a billion class
+  names). Otherwise the sorted distinct names get ids. A list mixing the two kinds is refused with the
+  line of the first label of the rarer kind (a stray "n/a" among integers would silently renumber every
+  class as sorted strings, "10" before "2"). An empty label means -1.
 - IDX (MNIST layout, optionally gzipped): SRC is a folder holding `{train,t10k}-images-idx3-ubyte[.gz]`
   and the matching `labels-idx1` files (`split` picks train or test), or the images file itself.
   Class names are Fashion-MNIST's when the folder name says `fashion`, else "0".."9".
@@ -126,24 +130,41 @@ def _collect(paths: list[Path], label: int, source: Source) -> Source:
     return source
 
 
+MAX_CLASS_ID = 1_000_000  # integer labels are ids; the largest public label sets have ~10^4-10^5 classes
+
+
 def read_file_list(list_path: Path) -> Source:
-    text = list_path.read_text()
+    try:
+        text = list_path.read_text(encoding="utf-8-sig")  # -sig: drops the BOM Excel writes
+    except UnicodeDecodeError as error:
+        raise SourceError(f"{list_path}: not UTF-8 text (at byte offset {error.start}); save the list as UTF-8") from error
     first_line = next((line for line in text.splitlines() if line.strip()), "")
     delimiter = "\t" if list_path.suffix.lower() == ".tsv" or "\t" in first_line else ","
-    rows = [row for row in csv.reader(text.splitlines(), delimiter=delimiter) if row and any(row)]
-    if rows and rows[0][0].strip().lower() in ("path", "file", "filename", "image"):
-        rows = rows[1:]
-    raw_labels = [row[1].strip() if len(row) > 1 else "" for row in rows]
-    named = [label for label in raw_labels if label]
-    if all(label.lstrip("-").isdigit() for label in named):
-        ids = [int(label) if label else -1 for label in raw_labels]
-        if any(i < -1 for i in ids):
-            raise SourceError(f"{list_path}: negative class id in the label column")
-        class_names = [str(i) for i in range(max(ids, default=-1) + 1)]
-    else:
-        class_names = sorted(set(named))
+    reader = csv.reader(text.splitlines(), delimiter=delimiter)
+    numbered = [(reader.line_num, row) for row in reader if row and any(row)]  # (line in the file, cells)
+    if numbered and numbered[0][1][0].strip().lower() in ("path", "file", "filename", "image"):
+        numbered = numbered[1:]
+    rows = [row for _, row in numbered]
+    labels = [(line, row[1].strip()) for line, row in numbered if len(row) > 1 and row[1].strip()]
+    integer = [(line, label) for line, label in labels if label.lstrip("-").isdigit()]
+    named = [(line, label) for line, label in labels if not label.lstrip("-").isdigit()]
+    if integer and named:
+        line, label = min(integer, named, key=len)[0]
+        kind = "an integer" if len(integer) <= len(named) else "a name"
+        raise SourceError(f"{list_path}: line {line}: label {label!r} is {kind} among {max(len(integer), len(named))} "
+                          f"labels of the other kind; use class ids (integers) or class names throughout")
+    by_line = dict(labels)
+    if named:
+        class_names = sorted({label for _, label in named})
         lookup = {name: i for i, name in enumerate(class_names)}
-        ids = [lookup[label] if label else -1 for label in raw_labels]
+        ids = [lookup[by_line[line]] if line in by_line else -1 for line, _ in numbered]
+    else:
+        for line, label in integer:
+            if not -1 <= int(label) <= MAX_CLASS_ID:
+                raise SourceError(f"{list_path}: line {line}: class id {label} is outside 0..{MAX_CLASS_ID:,} (-1: unlabelled); integer "
+                                  f"labels are class ids (renumber them 0..N-1, or give class names instead)")
+        ids = [int(by_line[line]) if line in by_line else -1 for line, _ in numbered]
+        class_names = [str(i) for i in range(max(ids, default=-1) + 1)]
     items = []
     for row, label in zip(rows, ids):
         path = Path(row[0].strip())

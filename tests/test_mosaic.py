@@ -168,6 +168,7 @@ def test_same_seed_same_files(fashion_idx, tmp_path):
     (["--items", "3", "2"], "items: need 1 <= min <= max"),
     (["--jpeg-quality", "100"], "jpeg_quality: must be in 1..95"),
     (["--workers", "0"], "workers: must be >= 1"),
+    (["--val-count", "1000000000"], "val_count: 1,000,000,000 mosaics of 64 px need 8,192.0 GB in memory"),
 ])
 def test_bad_arguments_are_one_line_errors(fashion_idx, tmp_path, capsys, extra, message):
     arguments = ["build-mosaics", str(fashion_idx), str(tmp_path / "set"), "--train-count", "4", "--val-count", "2",
@@ -176,6 +177,15 @@ def test_bad_arguments_are_one_line_errors(fashion_idx, tmp_path, capsys, extra,
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and error.startswith("preprocess: error: ") and message in error
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_memory_check_counts_both_arrays_and_keeps_a_quarter_spare():
+    from preprocess.mosaics import check_memory
+
+    spec, fits = MosaicSpec(size=64), -(-2 * 1000 * 64 * 64 * 4 // 3)  # 3/4 of it (rounded up) holds 1,000 exactly
+    check_memory("train", 1000, spec, available=fits)
+    with pytest.raises(ValueError, match=r"train_count: 1,001 mosaics of 64 px need 0.008 GB in memory .*, 0.011 GB are"):
+        check_memory("train", 1001, spec, available=fits)
 
 
 def test_bad_paths_are_one_line_errors(fashion_idx, tmp_path, capsys):

@@ -18,7 +18,7 @@ import imagefactory
 import preprocess.build
 from preprocess.beton import open_beton
 from preprocess.build import build_ffcv
-from preprocess.sources import FASHION_MNIST_CLASSES
+from preprocess.sources import FASHION_MNIST_CLASSES, SourceError
 
 
 def decode(dataset, index) -> np.ndarray:
@@ -86,6 +86,38 @@ def test_csv_and_tsv_file_lists(tmp_path):
     dataset = open_beton(tmp_path / "b.beton")
     assert dataset.labels.tolist() == [2, -1] and dataset.class_names == ["0", "1", "2"]
     assert dataset.manifest["num_unlabelled"] == 1
+
+
+def test_a_csv_saved_with_a_bom_keeps_its_header_and_integer_ids(tmp_path):
+    """Excel's "CSV UTF-8" starts with a BOM: the header must still be seen as one, and the integer
+    labels stay class ids (not names sorted as strings, where '10' comes before '2')."""
+    paths = imagefactory.make_image_folder(tmp_path / "imgs", num_classes=1, per_class=3)
+    rows = "".join(f"{path},{label}\n" for path, label in zip(paths, (2, 10, 0)))
+    (tmp_path / "list.csv").write_bytes(("path,label\n" + rows).encode("utf-8-sig"))
+    report = build_ffcv(tmp_path / "list.csv", tmp_path / "a.beton")
+    dataset = open_beton(tmp_path / "a.beton")
+    assert dataset.labels.tolist() == [2, 10, 0] and len(dataset.class_names) == 11 and report.skipped == []
+
+
+@pytest.mark.parametrize("labels, line, message", [
+    (["3", "1", "n/a", "2"], 4, "label 'n/a' is a name among 3 labels of the other kind"),
+    (["cat", "dog", "7", "cat"], 4, "label '7' is an integer among 3 labels of the other kind"),
+    (["1", "1000000001", "0"], 3, "class id 1000000001 is outside 0..1,000,000"),
+])
+def test_a_csv_with_mixed_or_huge_labels_is_refused_with_its_line(tmp_path, labels, line, message):
+    """One stray label must not renumber every class, and one huge id must not allocate a billion class
+    names: one line naming the file, the line and what to do; nothing written."""
+    paths = imagefactory.make_image_folder(tmp_path / "imgs", num_classes=1, per_class=len(labels))
+    (tmp_path / "list.csv").write_text("path,label\n" + "".join(f"{p},{label}\n" for p, label in zip(paths, labels)))
+    with pytest.raises(SourceError, match=f"list.csv: line {line}: {message}"):
+        build_ffcv(tmp_path / "list.csv", tmp_path / "a.beton")
+    assert not any(tmp_path.glob("a.*"))
+
+
+def test_a_file_list_that_is_not_utf8_names_the_byte(tmp_path):
+    (tmp_path / "list.csv").write_bytes("path,label\nimg\xe9.jpg,1\n".encode("latin-1"))
+    with pytest.raises(SourceError, match=r"list.csv: not UTF-8 text \(at byte offset 14\); save the list as UTF-8"):
+        build_ffcv(tmp_path / "list.csv", tmp_path / "a.beton")
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
