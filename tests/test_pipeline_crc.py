@@ -127,3 +127,16 @@ def test_folder_decode_failures_skip_and_count_alike(folder, recipe, tmp_path):
         results[backend] = sorted(loader.skipped_records), loader.skipped, [v.index.tolist() for v in views]
         assert loader.skipped == 2 and sorted(loader.skipped_records) == [12, 13]
     assert results["dali"] == results["reference"]
+
+
+def test_the_evaluation_loader_skips_corrupt_records_that_still_decode(damaged, caplog):
+    """k-NN / linear / dense evaluation read through the same check: the 3 damaged records (which PIL
+    decodes into wrong pixels without an error) never reach the features, and each is named once."""
+    from pipeline.backends.evaluation import EvalLoader
+
+    loader = EvalLoader(damaged, image_size=32, batch_size=5, device="cpu", workers=0)
+    with caplog.at_level(logging.WARNING, logger="pipeline.backends.evaluation"):
+        seen = [index for _, _, batch in loader for index in batch.tolist()]
+    assert seen == [i for i in range(12) if i not in CORRUPT] and loader.skipped == 3
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [f"skipping record {i} of {damaged}" for i in CORRUPT]
+    assert all("crc32" in r.getMessage() for r in caplog.records)

@@ -10,7 +10,9 @@ Decisions:
   runs rarely; one exact, deterministic transform is worth more here than speed.
 - Sharding: rank r takes index[r::world_size] of the dataset order (no shuffle, no padding, no drop),
   so the ranks together see every sample exactly once; batches are not dropped (the last is short).
-- A record PIL cannot decode is dropped from its batch and counted in `.skipped`.
+- A `.beton` record whose bytes fail their stored crc32 (always checked here: evaluation reads few
+  images) or that PIL cannot decode is dropped from its batch, logged with the reason and counted in
+  `.skipped`: damaged bytes that still decode would otherwise enter a k-NN memory as garbage.
 """
 from __future__ import annotations
 
@@ -47,10 +49,14 @@ class _EvalSamples(torch.utils.data.Dataset):
 
     def __getitem__(self, k: int):
         index = int(self.indices[k])
-        try:
-            image = Image.open(io.BytesIO(self.source.encoded(index).tobytes())).convert("RGB")
-        except Exception as error:  # PIL raises many types on a broken file
-            logger.warning("skipping record %d of %s: %s", index, self.source.path, str(error)[:120])
+        data, reason = self.source.checked(index)  # crc32 first: damaged bytes often decode without an error
+        if reason is None:
+            try:
+                image = Image.open(io.BytesIO(data.tobytes())).convert("RGB")
+            except Exception as error:  # PIL raises many types on a broken file
+                reason = f"PIL cannot decode it: {str(error)[:120]}"
+        if reason is not None:
+            logger.warning("skipping record %d of %s: %s", index, self.source.path, reason)
             return None
         return self.transform(image), int(self.source.labels[index]), index
 

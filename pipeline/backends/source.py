@@ -4,7 +4,8 @@
 `encoded(i)` (the exact file bytes as a uint8 array, random access, no decode), `kind`
 ("beton" | "folder") and `corrupt_reason(i, data)` (why record i's bytes cannot be trusted, or None).
 Every backend reads through it, so a folder and a `.beton` give the same samples in the same order.
-`RecordVerifier` checks a batch of records in the reading thread(s) of a backend.
+`RecordVerifier` checks a batch of records in the reading thread(s) of a backend; `checked(i)` reads
+and checks one record (the evaluation loader and the views picture read that way).
 
 Decisions:
 - A folder is read like torchvision's ImageFolder: class = sorted sub-directory name -> id 0..C-1,
@@ -17,7 +18,7 @@ Decisions:
   `corrupt_reason` compares it with the crc32 of the bytes read, before any decoder sees them. This
   is what catches bytes changed after the file was written: a JPEG decoder (libjpeg-turbo in DALI's
   CPU decoder, torchvision and PIL alike) turns most mid-stream damage into wrong pixels with at most
-  a warning, never an error. Every backend calls it (DALI and FFCV in their reading thread, the
+  a warning, never an error. Every reader calls it (the evaluation loader always, through `checked`) (DALI and FFCV in their reading thread, the
   reference in its worker processes) under `DataConfig.verify_crc`, so all three skip exactly the
   same records and share the reason text. A folder has no stored checksum: there only a failed decode
   skips a record. The check costs one pass over the bytes (zlib, ~4 GB/s per core here; it releases
@@ -56,6 +57,12 @@ class ImageSource:
     def corrupt_reason(self, index: int, data: np.ndarray) -> str | None:
         """Why record `index` (whose bytes are `data`) must not be decoded, or None (no stored checksum here)."""
         return None
+
+    def checked(self, index: int) -> tuple[np.ndarray, str | None]:
+        """(record `index`'s bytes, why they must not be decoded or None): the one read-and-verify path of
+        readers that take one record at a time (evaluation, pictures); batch readers use RecordVerifier."""
+        data = self.encoded(index)
+        return data, self.corrupt_reason(index, data)
 
 
 class FolderSource(ImageSource):
