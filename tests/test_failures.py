@@ -131,3 +131,29 @@ def test_write_failure_on_one_rank_stops_every_rank_with_the_same_line(beton, tm
         assert [line for line in output.splitlines() if "checkpoint error" in line] == [expected], output[-3000:]
     assert (root / LATEST).read_text().strip() == "step_00000002"
     assert sorted(p.name for p in root.iterdir()) == [LATEST, "step_00000002"]
+
+
+@pytest.mark.slow
+def test_a_dataset_whose_records_are_all_corrupt_stops_with_one_line(beton, tmp_path):
+    """Every record fails its crc32: the run must stop after the first empty epoch, with one line and
+    exit 1 (it used to start epoch 0 again forever, printing nothing and deaf to SIGTERM)."""
+    import shutil
+    import subprocess
+    import sys
+
+    import imagefactory
+    from preprocess.beton import open_beton
+
+    damaged = tmp_path / "damaged.beton"
+    shutil.copy(beton, damaged)
+    shutil.copy(beton.with_suffix(".manifest.json"), damaged.with_suffix(".manifest.json"))
+    imagefactory.corrupt_beton_records(damaged, range(len(open_beton(damaged))))
+    config = write_tiny_config(tmp_path, damaged, tmp_path / "run", schedule={"max_steps": 4})
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "train/main.py", "--config", str(config)], cwd=root, capture_output=True,
+                            text=True, timeout=240)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("data error: ")]
+    assert result.returncode == 1 and len(errors) == 1, result.stderr[-2000:]
+    assert errors[0].startswith(f"data error: epoch 0 of {damaged} gave rank 0 no usable batch: 24 records skipped so far "
+                                "(crc32 ") and errors[0].endswith(f"run `preprocess verify {damaged}` and rebuild the dataset")
+    assert "Traceback" not in result.stderr

@@ -22,7 +22,9 @@ away for ZeRO-1/2 (`train.engine`). Consequences (decisions):
   Nothing draws from the global RNGs between `restore_rng` and the first step either (telemetry's
   matmul peak uses a private generator; `train.main.build_run` restores last).
 - A batch lost entirely to corrupt records ends the epoch one batch short; the step counter then
-  jumps to the next epoch boundary so that step // steps_per_epoch stays the epoch.
+  jumps to the next epoch boundary so that step // steps_per_epoch stays the epoch. An epoch without a
+  single batch (every record of the rank's share skipped) raises `NoUsableData` (one line, exit 1)
+  instead of starting the same empty epoch again forever, deaf to signals.
 """
 from __future__ import annotations
 
@@ -45,6 +47,10 @@ logger = logging.getLogger(__name__)
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+class NoUsableData(RuntimeError):
+    """An epoch ended without a single batch: every record of this rank's share was skipped."""
 
 
 @dataclass
@@ -110,7 +116,7 @@ def train_loop(run: Run, evaluate=None, benchmark_warmup: int = -1) -> str:
         while run.step < run.total_steps:
             epoch = run.step // run.steps_per_epoch
             run.loader.set_epoch(epoch)
-            batches, exhausted = iter(run.loader), False
+            batches, exhausted, epoch_steps = iter(run.loader), False, 0
             while run.step < run.total_steps:
                 wait_start = time.perf_counter()
                 with torch.random.fork_rng(devices=[]):  # data loading never shifts the training RNG stream
@@ -118,6 +124,7 @@ def train_loop(run: Run, evaluate=None, benchmark_warmup: int = -1) -> str:
                 if views is None:
                     exhausted = True
                     break
+                epoch_steps += 1
                 run.telemetry.add_data_wait(time.perf_counter() - wait_start)
                 values = run.schedules.at(run.step)
                 log_now = (run.step + 1) % cfg.log.every_steps == 0 or run.step + 1 == run.total_steps
@@ -141,6 +148,8 @@ def train_loop(run: Run, evaluate=None, benchmark_warmup: int = -1) -> str:
                         run.last_checkpoint = save_run_checkpoint(run)
                     if stop_everywhere:
                         return "stopped"
+            if exhausted and epoch_steps == 0:  # the next epoch would find nothing either: never loop on it
+                raise NoUsableData(_no_usable_data_message(run, epoch))
             if exhausted and run.step % run.steps_per_epoch:  # epoch ended short (batches lost to corrupt records)
                 run.step = (epoch + 1) * run.steps_per_epoch
             if evaluate is not None and run.step % run.steps_per_epoch == 0:
@@ -149,6 +158,14 @@ def train_loop(run: Run, evaluate=None, benchmark_warmup: int = -1) -> str:
         return "done"
     finally:
         stop.restore()
+
+
+def _no_usable_data_message(run: Run, epoch: int) -> str:
+    loader, path = run.loader, run.cfg.data.path
+    reasons = sorted(set(loader.skipped_records.values()))
+    return (f"epoch {epoch} of {path} gave rank {run.rank} no usable batch: {loader.skipped} records skipped "
+            f"so far ({'; '.join(reason[:80] for reason in reasons[:2]) or 'no reason recorded'}); "
+            f"run `preprocess verify {path}` and rebuild the dataset")
 
 
 def _check_and_log(run: Run, parts: dict, nonfinite: torch.Tensor, stop_requested: bool, checked_from: int, log_now: bool) -> bool:

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from train.checkpoint import CheckpointWriteError
-    from train.loop import NonFiniteLoss  # imports DeepSpeed (through train.engine)
+    from train.loop import NonFiniteLoss, NoUsableData  # imports DeepSpeed (through train.engine)
 
     try:
         result = train(cfg, benchmark_steps=args.benchmark, warmup_steps=args.warmup_steps, json_path=args.json)
@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except NonFiniteLoss as error:
         logger.error("%s", error)
+        return 1
+    except NoUsableData as error:
+        print(f"data error: {error}", file=sys.stderr)
         return 1
     except CheckpointWriteError as error:  # raised alike on every rank; the previous checkpoint stays `latest`
         print(f"checkpoint error: {error}", file=sys.stderr)
