@@ -74,6 +74,19 @@ def test_extends_merges_parent_first(tmp_path):
         load_yaml_chain(tmp_path / "missing.yaml")
 
 
+@pytest.mark.parametrize("text, message", [
+    ("run_dir: x\nmodel:\n\tdepth: 2\n", "line 3, column 1: found character '\\t' that cannot start any token "
+                                         "(YAML indents with spaces, never tabs)"),
+    ("run_dir: [x\n", "line 2, column 1: expected ',' or ']', but got '<stream end>'"),
+    ("model: {depth: 2\nseed: 1\n", "line 2, column 5: expected ',' or '}', but got ':'"),
+])
+def test_a_yaml_mistake_is_one_config_error_line_with_its_place(tmp_path, text, message):
+    (tmp_path / "bad.yaml").write_text(text)
+    with pytest.raises(ConfigError) as error:
+        load_yaml_chain(tmp_path / "bad.yaml")
+    assert str(error.value) == f"{tmp_path / 'bad.yaml'}: not valid YAML at {message}"
+
+
 def test_train_config_errors_name_the_key(tmp_path):
     path = write_tiny_config(tmp_path, tmp_path / "x.beton", tmp_path / "run")
     with pytest.raises(ConfigError, match=r"optim\.lrr: unknown config key"):

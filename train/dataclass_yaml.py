@@ -49,8 +49,12 @@ def load_yaml_chain(path: str | Path, _seen: tuple = ()) -> dict:
         raise ConfigError(f"{path}: 'extends' forms a cycle ({' -> '.join(map(str, _seen))})")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    with open(path) as f:
-        tree = yaml.safe_load(f) or {}
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: {yaml_error_line(error)}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text (at byte offset {error.start}); save it as UTF-8") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(tree).__name__}")
     parents = tree.pop("extends", None) or []
@@ -58,6 +62,15 @@ def load_yaml_chain(path: str | Path, _seen: tuple = ()) -> dict:
     for parent in [parents] if isinstance(parents, str) else parents:
         merged = deep_merge(merged, load_yaml_chain(path.parent / parent, _seen + (path,)))
     return deep_merge(merged, tree)
+
+
+def yaml_error_line(error: yaml.YAMLError) -> str:
+    """PyYAML's several-line message as one line: where (1-based line and column) and what."""
+    mark = getattr(error, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    hint = " (YAML indents with spaces, never tabs)" if "'\\t'" in problem else ""
+    return f"not valid YAML at {where}{problem}{hint}"
 
 
 def deep_merge(base: dict, update: dict) -> dict:

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import yaml
 
+from train.dataclass_yaml import yaml_error_line
+
 LOCK_NAME = ".lock"
 # Dotted prefixes of the settings a checkpoint cannot continue under another value.
 INCOMPATIBLE_KEYS = (
@@ -155,7 +157,7 @@ def _saved_config(checkpoint: Path) -> dict | None:
             try:
                 return yaml.safe_load(path.read_text()) or {}
             except yaml.YAMLError as error:
-                raise RunFolderError(f"{path}: not readable YAML ({str(error).splitlines()[0]}); restore it or "
+                raise RunFolderError(f"{path}: {yaml_error_line(error)}; restore it or "
                                      f"choose a new run_dir") from None
     return None
 
