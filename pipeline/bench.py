@@ -99,7 +99,7 @@ def build_runner(name: str, args: argparse.Namespace, device: torch.device, veri
                       prefetch=0 if args.profile else 2, verify_crc=verify_crc)
     loader = build_loader(data, recipe, device=device, seed=args.seed)
     if name == "dali-ops":  # the same loader (order, transfer), the op-per-view DALI graph as its stage
-        from pipeline.backends.dali_ops import DaliOpsViews
+        from pipeline.backends.dali_ops import DaliOpsViews  # late: DALI, for this baseline only
 
         loader.stage_one = DaliOpsViews(loader.source, recipe, args.batch_size, args.workers, device, args.dtype, args.seed)
     crops = recipe.global_views.count + recipe.local_views.count + recipe.queries.count + int(recipe.swap.enabled)
