@@ -15,6 +15,7 @@ import logging
 import sys
 
 from evaluation.baselines import knn_sources
+from evaluation.config import EVAL_FEATURES
 from evaluation.knn import compare_knn, format_comparison
 from train.restore import load_teacher_for_cli, random_init_model
 
@@ -30,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, help="vote temperature (default: the run's, DINO 0.07)")
     parser.add_argument("--max-train-samples", type=int, help="use the first N memory images (default: the run's; 0 = all)")
     parser.add_argument("--max-test-samples", type=int, help="classify the first N test images (default: the run's; 0 = all)")
-    parser.add_argument("--features", choices=("auto", "cls", "patch_mean", "cls+patch_mean"),
+    parser.add_argument("--features", choices=EVAL_FEATURES,
                         help="teacher features (default: the run's eval.features; auto = patch_mean for FLSL-only runs)")
     parser.add_argument("--baselines", action="store_true", help="also random-init backbone and raw pixels")
     parser.add_argument("--workers", type=int, default=2, help="decode worker processes (default: 2)")

@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 
+from evaluation.config import EVAL_FEATURES
 from evaluation.knn import feature_extractor
 from evaluation.linear import linear_probe_accuracy
 from train.restore import load_teacher_for_cli
@@ -27,7 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=0.1, help="SGD peak learning rate, cosine to 0 (default: 0.1)")
     parser.add_argument("--batch-size", type=int, default=256, help="probe batch size (default: 256)")
     parser.add_argument("--max-train-samples", type=int, default=0, help="first N training images (default: 0 = all)")
-    parser.add_argument("--features", choices=("auto", "cls", "patch_mean", "cls+patch_mean"),
+    parser.add_argument("--features", choices=EVAL_FEATURES,
                         help="teacher features (default: the run's eval.features; auto = patch_mean for FLSL-only runs)")
     parser.add_argument("--workers", type=int, default=2, help="decode worker processes (default: 2)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: auto)")
