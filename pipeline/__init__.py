@@ -11,8 +11,10 @@
             ...
 
 Modules: `views` (the batch contract), `recipe`, `geometry`, `engine` (stage 2, batched torch views),
-`loader` (order, sharding, resume), `backends` (stage 1: dali, ffcv, reference, dali_ops), `bench`,
-`show`. Nothing is imported here eagerly: DALI and FFCV take seconds to import.
+`order` (each epoch's order, shards and views seeds), `loader` (the loader and its resume state),
+`backends` (stage 1: dali, ffcv, reference, dali_ops; the evaluation images), `bench` and `measure` (the
+throughput command and its clocks), `show`. Nothing is imported here eagerly: DALI and FFCV take seconds
+to import.
 """
 from pipeline.views import DecodedBatch, RegionSwap, Views
 

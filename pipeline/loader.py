@@ -17,28 +17,16 @@ Work ahead (issue 12; decisions):
   the decode thread nor the views thread can reuse a buffer before its consumer's work on it has run,
   and the trainer's thread never waits on the host for the views.
 - The views are the same bit for bit with `views_ahead` on or off and after a resume: each batch's
-  generator is seeded from its position alone (below), and one engine is used by one thread at a time
-  (an iteration closes the previous one, and its threads, before it starts).
+  generator is seeded from its position alone (`pipeline.order.view_seed`), and one engine is used by one
+  thread at a time (an iteration closes the previous one, and its threads, before it starts).
 - Views time (`take_views_seconds`): on CUDA, start/end events (timing) around `make_views` on the
   stream that runs it, summed only for batches already handed over and only once both events have
   completed (`query()`, never a wait); the trainer calls it right after its log-step host sync. On
   the CPU, the wall time of `make_views`. 0.0 for the reference (its views are made in the workers).
 
-Order, sharding and resume (decisions):
-- One permutation per (seed, epoch) over all N samples (numpy PCG64 seeded with [seed, epoch]), the
-  same on every rank and for every backend.
-- drop_last=True cuts it to a multiple of world_size * batch_size; drop_last=False instead pads it with
-  its own first samples (like torch's DistributedSampler), so every rank still gets whole batches and
-  the same number of steps (a few samples are seen twice in that epoch).
-- Step k of the epoch is the global batch perm[k*W*B : (k+1)*W*B]; rank r takes its r-th slice of B.
-  So a global step covers one contiguous stretch of the permutation, and the shards are disjoint.
-- `position` = batches this rank already handed out in this epoch. A resume at (epoch, position)
-  rebuilds the same plan and starts at batch `position`; nothing else is stored.
-- The views of batch k are drawn from a CPU `torch.Generator` seeded with
-  SeedSequence([seed, epoch, rank, k]) and handed to the views engine (the reference seeds its
-  workers' transforms the same way), so the views are exactly reproducible after a resume and do
-  not depend on thread or worker timing. The geometry draws its uniforms from a CPU generator and
-  copies them to the device, so CPU and GPU make the same boxes.
+Order, sharding and resume: the epoch's plan (permutation, each rank's slice of each global batch, the
+views seed of each batch) is `pipeline.order`'s; a loader's state is (epoch, position) in that plan.
+Decisions:
 - Epochs: `set_epoch(e)` with a new e restarts at position 0; with the current e it keeps the
   position (the trainer calls it after `load_state_dict`). Running an epoch to its end moves the
   state to (epoch + 1, 0).
@@ -61,7 +49,9 @@ import torch
 from pipeline.backends import build_stage_one, prefetched
 from pipeline.backends.profile import timed
 from pipeline.backends.source import open_source
-from pipeline.recipe import ViewRecipe
+from pipeline.engine import ViewsEngine
+from pipeline.order import rank_batches, training_subset, view_seed
+from pipeline.recipe import IMAGENET_MEAN, IMAGENET_STD, ViewRecipe
 
 logger = logging.getLogger(__name__)
 
@@ -98,38 +88,6 @@ class DataConfig:
         if self.max_samples < 0:
             raise ValueError(f"data.max_samples: must be >= 0 (0 = every sample), got {self.max_samples}")
         return self
-
-
-def training_subset(dataset_size: int, max_samples: int) -> np.ndarray:
-    """The dataset indices an epoch draws from: all of them, or `max_samples` evenly spaced ones (every class
-    of a class-sorted folder keeps its share)."""
-    if max_samples <= 0 or max_samples >= dataset_size:
-        return np.arange(dataset_size)
-    return np.arange(max_samples) * dataset_size // max_samples
-
-
-def epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
-    """The order of all samples in one epoch: the same on every rank and for every backend."""
-    return np.random.default_rng([seed, epoch]).permutation(num_samples)
-
-
-def rank_batches(
-    num_samples: int, batch_size: int, *, seed: int, epoch: int, rank: int, world_size: int, drop_last: bool
-) -> list[np.ndarray]:
-    """This rank's batches of one epoch, in order: the r-th slice of each global batch."""
-    order = epoch_permutation(num_samples, seed, epoch)
-    global_batch = batch_size * world_size
-    if drop_last:
-        order = order[: len(order) // global_batch * global_batch]
-    else:
-        order = np.concatenate([order, np.resize(order, (-len(order)) % global_batch)])
-    steps = order.reshape(-1, world_size, batch_size)  # [steps, W, B]
-    return list(steps[:, rank])
-
-
-def view_seed(seed: int, epoch: int, rank: int, position: int) -> int:
-    """The seed of the views of batch `position` (independent streams per (seed, epoch, rank, position))."""
-    return int(np.random.SeedSequence([seed, epoch, rank, position]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 class ViewsTimer:
@@ -302,8 +260,6 @@ def build_loader(data: DataConfig, recipe: ViewRecipe, *, device, rank: int = 0,
         )
     engine = None
     if data.backend != "reference":
-        from pipeline.engine import ViewsEngine
-
         engine = ViewsEngine(recipe, device, DTYPES[data.dtype])
     per_rank = -(-len(source) // (data.batch_size * world_size)) * data.batch_size
     stage_one = build_stage_one(data, recipe, source, device, max_samples=per_rank)
@@ -315,8 +271,7 @@ def build_eval_loader(path, *, image_size: int, batch_size: int, device, rank: i
     """Deterministic evaluation batches (images [B,3,S,S] float32 normalized with `mean`/`std`, the training
     recipe's; ImageNet's when None; labels [B], index [B]); see `pipeline.backends.evaluation` for the
     transform and the sharding."""
-    from pipeline.backends.evaluation import EvalLoader
-    from pipeline.recipe import IMAGENET_MEAN, IMAGENET_STD
+    from pipeline.backends.evaluation import EvalLoader  # here: torchvision's transforms take ~2 s to import
 
     return EvalLoader(path, image_size=image_size, batch_size=batch_size, device=device, rank=rank,
                       world_size=world_size, workers=workers, mean=mean or IMAGENET_MEAN, std=std or IMAGENET_STD)

@@ -25,18 +25,18 @@ if ! $PYTHON -c "import torch, torchvision, sys; sys.exit(torch.__version__.spli
     $PYTHON -m pip install -q torch==2.14.1 torchvision==0.29.1
 fi
 # find_spec locates without importing (importing deepspeed and DALI takes seconds).
-required="ffcv nvidia.dali deepspeed timm safetensors tensorboard tqdm yaml psutil matplotlib pytest hypothesis"
+required="ffcv nvidia.dali deepspeed timm safetensors tensorboard tqdm yaml psutil matplotlib pytest hypothesis importlinter"
 if ! (cd / && $PYTHON -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in sys.argv[1:]))" $required); then
     echo "== pip install -e .[test]"
     $PYTHON -m pip install -q -e ".[test]"
 fi
 # The editable install (console script `preprocess`, imports from anywhere) must point at this checkout
-# and know all four packages; an install made from an older clone or before a package existed does not.
+# and know all five packages; an install made from an older clone or before a package existed does not.
 here=$(pwd -P)
 mapped=$(cd / && $PYTHON -c "
 import importlib.util as u, os
 roots = set()
-for name in ('pipeline', 'model', 'train', 'preprocess'):
+for name in ('preprocess', 'pipeline', 'model', 'evaluation', 'train'):
     spec = u.find_spec(name)
     roots.add(os.path.dirname(os.path.dirname(os.path.realpath(spec.origin))) if spec and spec.origin else None)
 print(roots.pop() if len(roots) == 1 else '')" 2>/dev/null || true)

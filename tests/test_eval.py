@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import imagefactory
+from evaluation.knn import extract_features, feature_extractor, knn_accuracy, knn_classify, raw_pixel_features
+from evaluation.linear import train_linear_probe
 from test_train_support import make_tiny_beton, read_metrics, tiny_config
-from train.eval_linear import train_linear_probe
-from train.knn import extract_features, feature_extractor, knn_accuracy, knn_classify, raw_pixel_features
 
 
 def naive_knn(train_f, train_l, test_f, test_l, k, temperature):
@@ -81,7 +81,7 @@ NORMALIZED = dict(mean=(0.3,) * 3, std=(0.35,) * 3)
 @pytest.fixture
 def normalizations(monkeypatch) -> set:
     """The (mean, std) of every evaluation loader built while the test runs (tiny sets score alike either way)."""
-    import train.knn as knn_module
+    import evaluation.knn as knn_module
 
     seen, build = set(), knn_module.build_eval_loader
     monkeypatch.setattr(knn_module, "build_eval_loader", lambda *a, **k: seen.add((k["mean"], k["std"])) or build(*a, **k))
@@ -175,7 +175,7 @@ def test_flsl_only_knn_uses_the_mean_patch_token(tmp_path):
     """An FLSL-only model's k-NN ("auto") reads the mean of the final-norm patch tokens, not the cls token."""
     from model import HeadConfig, MethodsConfig, ModelConfig, SSLModel
     from model.backbone import forward_tokens
-    from train.config import EvalConfig
+    from evaluation.config import EvalConfig
 
     methods = MethodsConfig(head=HeadConfig(out_dim=16, hidden_dim=16, bottleneck_dim=8))
     methods.dino.enabled, methods.flsl.enabled, methods.flsl.out_dim = False, True, 16

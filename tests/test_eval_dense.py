@@ -12,13 +12,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from evaluation.config import DenseEvalConfig
+from evaluation.dense import (compare_dense, confusion_matrix, dense_scores, evaluate_patches, hummingbird_labels,
+                              patch_targets, pixel_confusion, segmentation_scores)
+from evaluation.dense_data import PixelPatches, load_dense_set
 from preprocess.mosaics import MosaicSpec, build_mosaics, make_mosaics
 from preprocess.sources import read_idx
 from test_mosaic import write_fashion_idx
 from test_train_support import make_tiny_beton, tiny_config
-from train.eval_dense import (DenseEvalConfig, PixelPatches, compare_dense, confusion_matrix, dense_scores,
-                              evaluate_patches, hummingbird_labels, load_dense_set, main, patch_targets,
-                              pixel_confusion, segmentation_scores)
+from train.eval_dense import main
 
 REPO = Path(__file__).resolve().parents[1]
 C = 11  # background + 10 classes

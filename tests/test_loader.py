@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from imagefactory import assert_identical_views
-from pipeline.loader import DataConfig, build_eval_loader, build_loader, rank_batches, view_seed
+from pipeline.loader import DataConfig, build_eval_loader, build_loader
+from pipeline.order import rank_batches, view_seed
 from pipeline.recipe import recipe_preset
 
 NUM_IMAGES = 12

@@ -29,7 +29,7 @@ import json, sys, torch
 from pathlib import Path
 import train.loop as loop
 from train.config import load_config
-from train.knn import knn_accuracy
+from evaluation.knn import knn_accuracy
 from train.main import build_run
 
 args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
@@ -114,7 +114,7 @@ def knn_in_one_process(config, teacher_path: Path) -> tuple[dict, list[dict]]:
 
     from model import SSLModel
     from train.engine import make_teacher
-    from train.knn import extract_features, knn_accuracy, knn_classify
+    from evaluation.knn import extract_features, knn_accuracy, knn_classify
 
     teacher = make_teacher(SSLModel(config.model, config.methods), torch.device("cpu"))
     teacher.load_state_dict(torch.load(teacher_path, map_location="cpu"))

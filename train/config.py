@@ -1,10 +1,10 @@
 """`TrainConfig`: the one typed config of a training run, and how it is loaded and saved.
 
 The tree composes the sections owned by the code they configure — `pipeline.loader.DataConfig`,
-`pipeline.recipe.ViewRecipe`, `model.ModelConfig`, `model.MethodsConfig` — with the trainer's own
-sections below. `load_config(path, overrides)` = dataclass defaults <- YAML preset (with `extends:`)
-<- dotted `key=value` overrides, then `validate()`. `recipe: adclr` (or `recipe: {preset: adclr, ...}`)
-starts the recipe from `recipe_preset("adclr")`.
+`pipeline.recipe.ViewRecipe`, `model.ModelConfig`, `model.MethodsConfig`, `evaluation.config.EvalConfig`
+(with its `DenseEvalConfig`) — with the trainer's own sections below. `load_config(path, overrides)` =
+dataclass defaults <- YAML preset (with `extends:`) <- dotted `key=value` overrides, then `validate()`.
+`recipe: adclr` (or `recipe: {preset: adclr, ...}`) starts the recipe from `recipe_preset("adclr")`.
 
 Checks in three layers, each ending in one `ConfigError` line that names the dotted key: `validate()`
 (types and values of the tree), `check_paths` (the data files exist) and `check_data(config, world_size)`
@@ -33,15 +33,17 @@ from pathlib import Path
 import torch
 import yaml
 
+from evaluation.config import EvalConfig
+from evaluation.dense_data import load_mosaic_pair
 from model import MethodsConfig, ModelConfig
+from pipeline.backends.source import open_source
 from pipeline.loader import DataConfig
 from pipeline.recipe import ViewRecipe, recipe_preset
-from train.eval_dense import DenseEvalConfig
+from preprocess.beton import BetonError
 from train.dataclass_yaml import ConfigError, apply_override, build, deep_merge, load_yaml_chain, register_preset, to_plain
 
 logger = logging.getLogger(__name__)
 register_preset(ViewRecipe, recipe_preset)
-EVAL_FEATURES = ("auto", "cls", "patch_mean", "cls+patch_mean")
 
 
 @dataclass
@@ -92,25 +94,6 @@ class LogConfig:
 
 
 @dataclass
-class EvalConfig:
-    """DINO's weighted k-NN on the teacher's features (`features`), and the dense evaluation (`dense`)."""
-
-    train_path: str = ""  # labelled .beton whose features are the k-NN memory ("" = no k-NN)
-    test_path: str = ""  # labelled .beton that is classified
-    every_epochs: int = 10  # k-NN every this many epochs (0 = only at the end)
-    at_end: bool = True  # k-NN after the last step
-    image_size: int = 224  # resize + centre crop side of the evaluation images
-    batch_size: int = 256  # images per forward, per rank
-    k: int = 20  # neighbours (DINO: 20)
-    temperature: float = 0.07  # vote weight exp(similarity / T) (DINO: 0.07)
-    max_train_samples: int = 0  # > 0: use an evenly spaced subset of the memory set (faster on CPU)
-    max_test_samples: int = 0  # > 0: evenly spaced subset of the test set
-    compare_baselines: bool = False  # also k-NN of a random-init backbone and raw pixels, printed side by side
-    features: str = "auto"  # "cls" (the image-level token a loss trains; SelfPatch: its pooled token) | "patch_mean" | "cls+patch_mean" | "auto" (patch_mean for FLSL-only runs, else cls)
-    dense: DenseEvalConfig = field(default_factory=DenseEvalConfig)  # Hummingbird + linear patch probe on build-mosaics sets ("" paths = off)
-
-
-@dataclass
 class CheckpointConfig:
     every_steps: int = 0  # save every this many steps (0 = only at epoch ends)
     every_epochs: int = 1  # save at the end of every this many epochs (0 = never at epoch ends)
@@ -151,10 +134,7 @@ class TrainConfig:
         _check(self.deepspeed.communication_data_type in ("fp32", "bf16"), "deepspeed.communication_data_type", "must be fp32 or bf16")
         _check(self.log.every_steps >= 1, "log.every_steps", "must be >= 1")
         _check(self.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
-        _check(self.eval.k >= 1, "eval.k", "must be >= 1")
-        _validate_section("eval.dense", self.eval.dense)
-        _check(self.eval.features in EVAL_FEATURES, "eval.features", f"must be one of {', '.join(EVAL_FEATURES)}, got {self.eval.features!r}")
-        _check(bool(self.eval.train_path) == bool(self.eval.test_path), "eval.test_path", "set both eval.train_path and eval.test_path, or neither")
+        _validate_section("eval", self.eval)
         want = "bfloat16" if self.deepspeed.bf16 else "float32"
         _check(self.data.dtype == want, "data.dtype", f"must be {want!r} when deepspeed.bf16 is {self.deepspeed.bf16} (the student's weights are {want})")
         _check_views_for_methods(self.methods, self.recipe)
@@ -255,9 +235,6 @@ def check_data(config: TrainConfig, world_size: int) -> None:
 
 def _check_mosaics(config: TrainConfig) -> None:
     """The dense evaluation's mosaic pair loads: masks present, same classes, sides a multiple of the patch."""
-    from preprocess.beton import BetonError
-    from train.eval_dense import load_mosaic_pair
-
     try:
         load_mosaic_pair(config.eval.dense, config.recipe.patch_size)
     except BetonError as error:
@@ -266,8 +243,6 @@ def _check_mosaics(config: TrainConfig) -> None:
 
 def _open_source(path: str, key: str):
     """`pipeline`'s ImageSource of a .beton or image folder; its errors become one-line config errors."""
-    from pipeline.backends.source import open_source
-
     try:
         return open_source(path)
     except (OSError, ValueError) as error:  # missing, neither .beton nor folder, empty, truncated, no manifest

@@ -1,8 +1,9 @@
 """`python -m train.eval_knn RUN_DIR_OR_CHECKPOINT [options]`: DINO's weighted k-NN of a trained teacher.
 
 Prints top-1/top-5 of the teacher backbone and, with `--baselines`, of the same architecture at its
-random initialization and of raw pixels. The evaluation sets and the features (`--features`, see
-`train/knn.py`) default to the run's `eval` section. Single process (features of one model are cheap
+random initialization and of raw pixels (`evaluation.knn.compare_knn` of `evaluation.baselines.knn_sources`,
+as the trainer's final evaluation). The evaluation sets and the features (`--features`, see
+`evaluation/knn.py`) default to the run's `eval` section. Single process (features of one model are cheap
 next to training).
 """
 from __future__ import annotations
@@ -13,7 +14,9 @@ import json
 import logging
 import sys
 
-from train.knn import feature_extractor, format_comparison, knn_accuracy, raw_pixel_features
+from evaluation.baselines import knn_sources
+from evaluation.config import EVAL_FEATURES
+from evaluation.knn import compare_knn, format_comparison
 from train.restore import load_teacher_for_cli, random_init_model
 
 
@@ -28,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, help="vote temperature (default: the run's, DINO 0.07)")
     parser.add_argument("--max-train-samples", type=int, help="use the first N memory images (default: the run's; 0 = all)")
     parser.add_argument("--max-test-samples", type=int, help="classify the first N test images (default: the run's; 0 = all)")
-    parser.add_argument("--features", choices=("auto", "cls", "patch_mean", "cls+patch_mean"),
+    parser.add_argument("--features", choices=EVAL_FEATURES,
                         help="teacher features (default: the run's eval.features; auto = patch_mean for FLSL-only runs)")
     parser.add_argument("--baselines", action="store_true", help="also random-init backbone and raw pixels")
     parser.add_argument("--workers", type=int, default=2, help="decode worker processes (default: 2)")
@@ -51,13 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     if not eval_cfg.train_path or not eval_cfg.test_path:
         print("eval_knn: no evaluation sets; pass --train-path and --test-path", file=sys.stderr)
         return 2
-    features = eval_cfg.features
-    common = dict(workers=args.workers, mean=config.recipe.mean, std=config.recipe.std)  # the run's normalization
-    results = {f"trained teacher ({checkpoint.name})": knn_accuracy(feature_extractor(teacher, features), eval_cfg, device, **common)}
-    if args.baselines:
-        random_model = random_init_model(config, device)
-        results["random-init backbone"] = knn_accuracy(feature_extractor(random_model, features), eval_cfg, device, **common)
-        results["raw pixels"] = knn_accuracy(raw_pixel_features, eval_cfg, device, **common)
+    baseline = random_init_model(config, device) if args.baselines else None
+    sources = knn_sources(teacher, baseline, features=eval_cfg.features, teacher_name=f"trained teacher ({checkpoint.name})")
+    results = compare_knn(sources, eval_cfg, device, workers=args.workers, mean=config.recipe.mean,
+                          std=config.recipe.std)  # the run's normalization
     print(json.dumps(results, indent=2) if args.json else format_comparison(results))
     return 0
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from train.restore import load_teacher, missing_run_message
+from train.restore import load_teacher, load_teacher_for_cli
 
 
 def timm_kwargs(model_cfg) -> dict:
@@ -35,7 +35,11 @@ def timm_kwargs(model_cfg) -> dict:
 
 def export_teacher(path: str | Path, out: str | Path) -> dict:
     """Write the teacher backbone of a run/checkpoint to `out`; returns {"arch", "kwargs", "checkpoint"}."""
-    config, teacher, checkpoint = load_teacher(path)
+    return write_teacher(*load_teacher(path), out)
+
+
+def write_teacher(config, teacher, checkpoint: Path, out: str | Path) -> dict:
+    """Write a restored teacher's backbone (`train.restore.load_teacher`) to `out`; as `export_teacher`."""
     state = {name: tensor.detach().contiguous().float() for name, tensor in teacher.backbone.state_dict().items()}
     kwargs = timm_kwargs(config.model)
     metadata = {"arch": config.model.arch, "timm_kwargs": json.dumps(kwargs), "source": str(checkpoint),
@@ -54,11 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.out.endswith(".safetensors"):
         print(f"export: {args.out} should end in .safetensors (timm picks the loader by extension)", file=sys.stderr)
         return 2
-    try:
-        info = export_teacher(args.path, args.out)
-    except FileNotFoundError as error:
-        print(f"export: {missing_run_message(args.path, error)}", file=sys.stderr)
+    loaded = load_teacher_for_cli("export", args.path, "cpu")
+    if loaded is None:  # a bad path or run config, already reported in one line
         return 2
+    config, teacher, checkpoint, _ = loaded
+    info = write_teacher(config, teacher, checkpoint, args.out)
     kwargs = ", ".join(f"{k}={v!r}" for k, v in info["kwargs"].items())
     print(f"wrote {args.out} (teacher backbone of {info['checkpoint']})\n"
           f"load: timm.create_model({info['arch']!r}, pretrained=True, "

@@ -1,8 +1,8 @@
 """`deepspeed train/main.py --config configs/X.yaml [section.key=value ...]` (or plain `python train/main.py`).
 
 Top-down, in DINO's order: config -> distributed init -> data -> student, teacher, losses -> DeepSpeed
-engine -> schedules -> resume -> loop (log, checkpoint, k-NN every N epochs) -> final checkpoint,
-k-NN and (optionally) the baseline comparison. `--benchmark N` measures the device's matmul peak (one
+engine -> schedules -> resume -> loop (log, checkpoint, evaluation every N epochs) -> final checkpoint,
+the final evaluation and (optionally) the baseline comparison (`train.evaluate`). `--benchmark N` measures the device's matmul peak (one
 large bf16 matmul on a GPU), runs `--warmup-steps` steps, then N timed steps, and prints images/s, step
 time with its device split (forward+backward, optimizer+EMA), data wait (host), views time (device), MFU
 against the spec and the measured peak, and peak memory (`--json PATH` writes the same figures); no
@@ -30,8 +30,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python train/main.py`: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-# torch, DeepSpeed, the model and the pipeline are imported inside the functions that use them, after
-# the arguments are parsed: `--help` and argument errors stay instant and free of DeepSpeed's warnings.
+# torch, DeepSpeed, the model, the pipeline and the evaluation are imported inside the functions that use
+# them, after the arguments are parsed: `--help` and argument errors stay instant and free of DeepSpeed's
+# warnings (startup speed only: no import circle needs these imports to be late).
 
 logger = logging.getLogger("train.main")
 
@@ -112,6 +113,7 @@ def collective_failure_message(error: BaseException, cfg) -> str:
 def train(cfg, benchmark_steps: int = 0, warmup_steps: int = 5, json_path: str | None = None) -> str:
     """Run one training (or benchmark) of a TrainConfig; returns "done" or "stopped" (signal)."""
     from train.config import resolve_device
+    from train.evaluate import evaluate_at_end, evaluate_epoch, print_saved_comparison
     from train.loop import save_run_checkpoint, train_loop
 
     device = resolve_device(cfg.device)
@@ -130,14 +132,11 @@ def train(cfg, benchmark_steps: int = 0, warmup_steps: int = 5, json_path: str |
         print_saved_comparison(run)
         run.telemetry.close()
         return "done"
-    result = train_loop(run, evaluate=periodic_eval)
+    result = train_loop(run, evaluate=evaluate_epoch)
     if result == "done":
         if run.last_checkpoint_step != run.step:
             run.last_checkpoint = save_run_checkpoint(run)
-        if cfg.eval.train_path and cfg.eval.at_end:
-            final_knn(run)
-        if cfg.eval.dense.train_path and cfg.eval.at_end:
-            final_dense(run)
+        evaluate_at_end(run)
     run.telemetry.close()
     return result
 
@@ -211,90 +210,6 @@ def build_run(cfg, device, benchmark_steps: int = 0, warmup_steps: int = 5):
     logger.info("rank %d/%d on %s: %d steps/epoch, %d steps (from %d), global batch %d, peak lr %.3g",
                 rank, world_size, device, len(loader), total_steps, run.step, global_batch, schedules.lr.max())
     return run
-
-
-def periodic_eval(run, epoch: int) -> None:
-    """k-NN and dense evaluation of the teacher every `eval.every_epochs` epochs (not after the last one:
-    `final_knn` / `final_dense` do that)."""
-    from train.knn import feature_extractor
-
-    cfg, every = run.cfg, run.cfg.eval.every_epochs
-    if not (every and epoch % every == 0 and run.step < run.total_steps):
-        return
-    if cfg.eval.train_path:
-        results = run_knn(run, feature_extractor(run.teacher, cfg.eval.features))
-        run.evaluations.append({"step": run.step, **results})
-        run.telemetry.log_eval(run.step, run.step / run.steps_per_epoch, results)
-    if cfg.eval.dense.train_path and run.rank == 0:  # no collectives inside: the other ranks wait at their next one
-        from train.eval_dense import dense_scores
-
-        log_dense(run, dense_scores(run.teacher, cfg.eval.dense, run.device, mean=cfg.recipe.mean, std=cfg.recipe.std))
-    run.telemetry.restart_interval(run.step)
-
-
-def run_knn(run, feature_fn) -> dict:
-    """k-NN of `feature_fn` on the run's evaluation sets, images normalized as the run trains."""
-    from train.knn import knn_accuracy
-
-    cfg = run.cfg
-    return knn_accuracy(feature_fn, cfg.eval, run.device, workers=cfg.data.workers, mean=cfg.recipe.mean, std=cfg.recipe.std)
-
-
-def log_dense(run, scores: dict) -> None:
-    """A dense evaluation's scores as `dense_*` fields of an eval record."""
-    run.telemetry.log_eval(run.step, run.step / run.steps_per_epoch, {f"dense_{k}": v for k, v in scores.items()})
-
-
-def print_saved_comparison(run) -> None:
-    """A finished run re-run (e.g. `scripts/setup.sh` a second time) shows the tables it ended with."""
-    from train.eval_dense import format_dense_table
-    from train.knn import format_comparison
-
-    if run.rank != 0:
-        return
-    for name, format_table in (("knn_comparison.json", format_comparison), ("dense_comparison.json",
-                               lambda results: format_dense_table(results, run.cfg.eval.dense))):
-        saved = run.run_dir / name
-        if saved.exists():
-            print(format_table(json.loads(saved.read_text())), flush=True)
-
-
-def final_knn(run) -> dict:
-    """k-NN of the trained teacher; with `eval.compare_baselines`, also random-init and raw pixels."""
-    from train.knn import feature_extractor, format_comparison, raw_pixel_features
-    from train.restore import random_init_model
-
-    cfg = run.cfg
-    results = {"trained teacher": run_knn(run, feature_extractor(run.teacher, cfg.eval.features))}
-    run.telemetry.log_eval(run.step, run.step / run.steps_per_epoch, results["trained teacher"])
-    if cfg.eval.compare_baselines:
-        random_model = random_init_model(cfg, run.device)
-        results["random-init backbone"] = run_knn(run, feature_extractor(random_model, cfg.eval.features))
-        results["raw pixels"] = run_knn(run, raw_pixel_features)
-        if run.rank == 0:
-            (run.run_dir / "knn_comparison.json").write_text(json.dumps(results, indent=2) + "\n")
-            print(format_comparison(results), flush=True)
-    return results
-
-
-def final_dense(run) -> dict | None:
-    """Dense evaluation of the trained teacher (rank 0); with `eval.compare_baselines`, also a random-init
-    backbone and raw patch pixels, printed side by side and kept in RUN_DIR/dense_comparison.json."""
-    from train.eval_dense import PixelPatches, compare_dense, format_dense_table
-    from train.restore import random_init_model
-
-    cfg = run.cfg
-    if run.rank != 0:
-        return None
-    sources = {"trained teacher": run.teacher}
-    if cfg.eval.compare_baselines:
-        sources["random-init backbone"] = random_init_model(cfg, run.device)
-        sources["raw patch pixels"] = PixelPatches(run.teacher.patch_size)
-    results = compare_dense(sources, cfg.eval.dense, run.device, mean=cfg.recipe.mean, std=cfg.recipe.std)
-    log_dense(run, results["trained teacher"])
-    (run.run_dir / "dense_comparison.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(format_dense_table(results, cfg.eval.dense), flush=True)
-    return results
 
 
 def print_benchmark(run, steps: int, json_path: str | None = None, interrupted: bool = False) -> None:

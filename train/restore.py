@@ -1,6 +1,9 @@
-"""Read a trained teacher back from a run folder or a checkpoint, without DeepSpeed.
+"""Read a trained teacher back from a run folder or a checkpoint, without DeepSpeed: the one restore helper.
 
-Used by `train.eval_knn`, `train.eval_linear` and `train.export`. A run folder resolves to its
+Used by the CLIs that open a run folder (`train.eval_knn`, `train.eval_linear`, `train.eval_dense`,
+`train.export`; `load_teacher_for_cli` reports a bad path, device or run config in one line) and by the
+trainer for the random-init baseline. It lives in `train/` because a run folder is read with the run's
+`TrainConfig`; what the evaluation does with the teacher is `evaluation/`'s. A run folder resolves to its
 `checkpoints/latest`; a checkpoint folder's run is two levels up (its `config.yaml` says how to build
 the model). Only `trainer.pt` is read (the teacher is saved there whole on rank 0), so this works
 whatever ZeRO stage or number of ranks wrote the checkpoint.
@@ -12,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from evaluation import baselines
 from model import SSLModel
 from train.checkpoint import find_checkpoint
 from train.config import ConfigError, TrainConfig, load_config, resolve_device
@@ -65,6 +69,5 @@ def load_teacher(path: str | Path, device: torch.device | str = "cpu") -> tuple[
 
 
 def random_init_model(config: TrainConfig, device: torch.device | str = "cpu") -> SSLModel:
-    """The run's architecture freshly initialized from its seed (the k-NN reference point)."""
-    torch.manual_seed(config.seed)
-    return SSLModel(config.model, config.methods).to(device).eval().requires_grad_(False)
+    """The run's architecture freshly initialized from its seed (the baselines' reference point)."""
+    return baselines.random_init_model(config.model, config.methods, config.seed, device)

@@ -141,7 +141,7 @@ class Telemetry:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_file = open(run_dir / "metrics.jsonl", "a")
-        if log_cfg.tensorboard:
+        if log_cfg.tensorboard:  # late imports: TensorBoard (~1 s) and tqdm only where they are used
             from torch.utils.tensorboard import SummaryWriter
 
             self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))

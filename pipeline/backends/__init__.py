@@ -48,6 +48,7 @@ _RUNNING: dict[threading.Thread, threading.Event] = {}  # prefetch threads alive
 
 def build_stage_one(data, recipe, source, device: torch.device, *, max_samples: int):
     """The stage-1 object for `data.backend` ("dali" | "ffcv" | "reference")."""
+    # Only the chosen backend's module is imported: DALI and FFCV take seconds to import and may be absent.
     if data.backend == "dali":
         from pipeline.backends.dali import DaliCanvasDecoder
 

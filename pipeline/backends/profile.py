@@ -8,6 +8,8 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 
+import torch
+
 
 @contextmanager
 def timed(timings: dict[str, float] | None, key: str, sync_device=None):
@@ -17,13 +19,9 @@ def timed(timings: dict[str, float] | None, key: str, sync_device=None):
         yield
         return
     if sync_device is not None and sync_device.type == "cuda":
-        import torch
-
         torch.cuda.synchronize(sync_device)
     start = time.perf_counter()
     yield
     if sync_device is not None and sync_device.type == "cuda":
-        import torch
-
         torch.cuda.synchronize(sync_device)
     timings[key] = timings.get(key, 0.0) + time.perf_counter() - start

@@ -1,4 +1,4 @@
-"""DINO's weighted k-NN on frozen features, and `python -m train.eval_knn` on a run's checkpoint.
+"""DINO's weighted k-NN on frozen features: `knn_accuracy(feature_fn, EvalConfig, device)`, `compare_knn`.
 
 For each test image the k nearest train features (cosine similarity of L2-normalized features) vote
 for their class with weight exp(similarity / T); top-1 / top-5 accuracy in percent (DINO: k = 20,
@@ -21,8 +21,8 @@ Decisions:
   `recipe.mean`/`recipe.std`): features read from inputs normalized differently from training are not
   the features the run learned (the Fashion-MNIST demo trains with its own statistics).
 - Features are computed in fp32 on CPU and under bf16 autocast on GPU (as the training teacher runs).
-- Reference points (`baseline_features`): the same k-NN on a randomly initialized backbone (same seed
-  and architecture) and on raw pixels (the normalized eval image, flattened).
+- Reference points (`compare_knn` of `evaluation.baselines.knn_sources`): the same k-NN on a randomly
+  initialized backbone (same seed and architecture) and on raw pixels (the normalized eval image, flattened).
 """
 from __future__ import annotations
 
@@ -122,6 +122,14 @@ def feature_extractor(model, kind: str = "auto") -> Callable:
 
 def raw_pixel_features(images: torch.Tensor) -> torch.Tensor:
     return images.flatten(1)  # [B, 3 * S * S]
+
+
+def compare_knn(sources: dict[str, Callable], eval_cfg, device: torch.device, *, workers: int = 2, mean=None,
+                std=None) -> dict[str, dict[str, float]]:
+    """{name: {"knn_top1", "knn_top5"}} of each feature function in `sources` (in their order) on the sets of
+    `EvalConfig`; a collective when distributed (every rank calls it and gets the same figures)."""
+    return {name: knn_accuracy(feature_fn, eval_cfg, device, workers, mean=mean, std=std)
+            for name, feature_fn in sources.items()}
 
 
 def format_comparison(results: dict[str, dict[str, float]]) -> str:
