@@ -132,13 +132,19 @@ def test_sigterm_saves_then_resume_finishes(beton, tmp_path):
 
 
 @pytest.mark.slow
-def test_start_over_in_a_used_run_folder_keeps_its_new_latest(beton, tmp_path):
-    """checkpoint.resume=none in a folder that holds a later checkpoint of the earlier run: keep-last-K counts
-    only the checkpoints up to the new one, so it never deletes the new `latest` (the later one stays)."""
-    root = tmp_path / "run" / "checkpoints"
-    overrides = ["checkpoint.every_steps=2", "checkpoint.keep_last=1"]
-    _train(tiny_config(tmp_path, beton, tmp_path / "run", [*overrides, "schedule.max_steps=4"]))
-    assert [p.name for p in list_checkpoints(root)] == ["step_00000004"]
-    _train(tiny_config(tmp_path, beton, tmp_path / "run", [*overrides, "schedule.max_steps=2", "checkpoint.resume=none"]))
-    assert find_checkpoint(root, "auto").name == "step_00000002"
-    assert [p.name for p in list_checkpoints(root)] == ["step_00000002", "step_00000004"]
+def test_starting_over_in_a_used_run_folder_is_refused_or_moves_the_old_run_aside(beton, tmp_path):
+    """checkpoint.resume=none where a run exists would replace its checkpoints and append to its metrics:
+    refused, nothing touched. checkpoint.resume=restart moves the old run aside whole, then starts fresh."""
+    from train.run_folder import RunFolderError
+
+    run_dir, overrides = tmp_path / "run", ["checkpoint.every_steps=2", "checkpoint.keep_last=1"]
+    _train(tiny_config(tmp_path, beton, run_dir, [*overrides, "schedule.max_steps=4"]))
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    with pytest.raises(RunFolderError, match="checkpoint.resume: none would start a new run inside"):
+        _train(tiny_config(tmp_path, beton, run_dir, [*overrides, "schedule.max_steps=2", "checkpoint.resume=none"]))
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    _train(tiny_config(tmp_path, beton, run_dir, [*overrides, "schedule.max_steps=2", "checkpoint.resume=restart"]))
+    (old,) = tmp_path.glob("run.replaced-*")
+    assert [p.name for p in list_checkpoints(old / "checkpoints")] == ["step_00000004"]
+    assert {old / p.relative_to(run_dir) for p in before} <= {p for p in old.rglob("*") if p.is_file()}
+    assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["step_00000002"]

@@ -259,13 +259,16 @@ def test_eval_clis_without_cuda_say_so_in_one_line(trained_run, capsys, program)
 
 @pytest.mark.parametrize("program", ["eval_knn", "eval_linear", "eval_dense"])
 def test_eval_clis_name_a_run_config_that_does_not_load_in_one_line(trained_run, tmp_path, capsys, program):
-    """A hand-edited run config.yaml (an unknown key) is one line naming the key, exit 2, no traceback."""
+    """A hand-edited config.yaml of the checkpoint (what the commands read: the config it was trained
+    with; an unknown key) is one line naming the key, exit 2, no traceback."""
     import importlib
     import shutil
 
+    from train.checkpoint import find_checkpoint
+
     run_dir = tmp_path / "run"
     shutil.copytree(trained_run[0], run_dir)
-    config = run_dir / "config.yaml"
+    config = find_checkpoint(run_dir / "checkpoints", "auto") / "config.yaml"
     config.write_text(config.read_text() + "unknown_section: {x: 1}\n")
     assert importlib.import_module(f"train.{program}").main([str(run_dir)]) == 2
     err = capsys.readouterr().err

@@ -157,3 +157,44 @@ def test_a_dataset_whose_records_are_all_corrupt_stops_with_one_line(beton, tmp_
     assert errors[0].startswith(f"data error: epoch 0 of {damaged} gave rank 0 no usable batch: 24 records skipped so far "
                                 "(crc32 ") and errors[0].endswith(f"run `preprocess verify {damaged}` and rebuild the dataset")
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_a_relaunch_is_judged_by_the_checkpoints_config_before_anything_changes(beton, tmp_path, capsys, caplog):
+    """Same tensor shapes, other architecture (model.num_heads 2 -> 4 at width 64): refused in one line, the
+    run folder byte for byte as it was (config.yaml included). A compatible change (a longer run) resumes,
+    says what changed, and each checkpoint keeps the config it was trained with; a second live launch
+    into the folder is refused while the first holds it."""
+    import logging
+
+    import yaml
+
+    from train.main import main
+    from train.run_folder import RunLock
+
+    run_dir = tmp_path / "run"
+    config = write_tiny_config(tmp_path, beton, run_dir, schedule={"max_steps": 2}, checkpoint={"every_steps": 2})
+    assert main(["--config", str(config)]) == 0
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(["--config", str(config), "model.num_heads=4"]) == 2
+    errors = capsys.readouterr().err.splitlines()
+    checkpoint = run_dir / "checkpoints" / "step_00000002"
+    assert errors == [f"config error: checkpoint.resume: {checkpoint} cannot continue this config (model.num_heads: 2 -> 4); "
+                      f"relaunch with the run's own config ({run_dir / 'config.yaml'}), or choose a new run_dir"]
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+    lock = RunLock(run_dir).acquire()
+    assert main(["--config", str(config)]) == 2
+    assert f"config error: run_dir: {run_dir} is in use by a training that is still running (pid " in capsys.readouterr().err
+    lock.release()
+
+    with caplog.at_level(logging.INFO, logger="train.main"):
+        assert main(["--config", str(config), "schedule.max_steps=4", "eval.k=5"]) == 0
+    assert f"resuming {checkpoint} with changed settings: eval.k 20 -> 5; schedule.max_steps 2 -> 4" in caplog.text
+    saved = {step: yaml.safe_load((run_dir / "checkpoints" / f"step_0000000{step}" / "config.yaml").read_text())
+             for step in (2, 4)}
+    assert saved[2]["schedule"]["max_steps"] == 2 and saved[4]["schedule"]["max_steps"] == 4
+    from train.restore import load_teacher  # an evaluation of step 2 reads the config step 2 was trained with
+
+    assert load_teacher(checkpoint)[0].eval.k == 20 and load_teacher(run_dir)[0].eval.k == 5

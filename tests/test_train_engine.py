@@ -201,7 +201,7 @@ def test_rerunning_a_finished_run_says_nothing_to_train(beton, tmp_path, caplog)
     caplog.clear()
     with caplog.at_level(logging.INFO):
         assert train(config) == "done"
-    expected = f"nothing to train: {tmp_path / 'run'} is complete at step 2 (checkpoint.resume=none to start over)"
+    expected = f"nothing to train: {tmp_path / 'run'} is complete at step 2 (checkpoint.resume=restart to start over)"
     assert expected in caplog.messages
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2]
 

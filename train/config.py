@@ -98,7 +98,7 @@ class CheckpointConfig:
     every_steps: int = 0  # save every this many steps (0 = only at epoch ends)
     every_epochs: int = 1  # save at the end of every this many epochs (0 = never at epoch ends)
     keep_last: int = 3  # complete checkpoints kept (older ones deleted)
-    resume: str = "auto"  # "auto": resume RUN_DIR/checkpoints/latest if present; "none"; or a checkpoint dir
+    resume: str = "auto"  # "auto": RUN_DIR/checkpoints/latest if present; "none": a fresh run (refused where a run exists); "restart": move an existing run aside, start fresh; or a checkpoint dir
 
 
 @dataclass
@@ -162,12 +162,16 @@ def load_config(path: str | Path | list | None, overrides: list[str] = ()) -> Tr
         raise ConfigError(f"{', '.join(map(str, paths)) or 'config'}: {error}") from None
 
 
+def config_yaml(config: TrainConfig) -> str:
+    """The resolved config as YAML text (a preset that reproduces the run)."""
+    return yaml.safe_dump(to_plain(config), sort_keys=False)
+
+
 def save_config(config: TrainConfig, run_dir: Path) -> Path:
     """Write the resolved config as RUN_DIR/config.yaml (a preset that reproduces the run)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "config.yaml"
-    with open(path, "w") as f:
-        yaml.safe_dump(to_plain(config), f, sort_keys=False)
+    path.write_text(config_yaml(config))
     return path
 
 

@@ -40,6 +40,7 @@ import torch.distributed as dist
 
 from model import LossState
 from train.checkpoint import save_checkpoint
+from train.config import config_yaml
 from train.step import train_step
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ class Run:
     last_checkpoint_step: int = -1
     evaluations: list = field(default_factory=list)
     collapse: object = None  # train.collapse.CollapseMonitor (rank 0): warns when a distillation term collapses
+    lock: object = None  # train.run_folder.RunLock held by rank 0 while the run trains
 
     @property
     def steps_per_epoch(self) -> int:
@@ -207,7 +209,7 @@ def save_run_checkpoint(run: Run) -> Path:
     path = save_checkpoint(
         run.run_dir / "checkpoints", run.step, engine=run.engine, teacher=run.teacher, losses=run.losses,
         loader_state=run.loader.state_dict(), extra={"epoch": run.step / run.steps_per_epoch},
-        keep_last=run.cfg.checkpoint.keep_last,
+        keep_last=run.cfg.checkpoint.keep_last, config_text=config_yaml(run.cfg),
     )
     run.telemetry.restart_interval(run.step)  # saving is not training time
     run.last_checkpoint_step = run.step

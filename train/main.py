@@ -120,25 +120,29 @@ def train(cfg, benchmark_steps: int = 0, warmup_steps: int = 5, json_path: str |
     if benchmark_steps:
         cfg = benchmark_config(cfg)
     run = build_run(cfg, device, benchmark_steps, warmup_steps)
-    if benchmark_steps:
-        warmup = min(warmup_steps, run.total_steps - 1)
-        result = train_loop(run, benchmark_warmup=warmup)
-        print_benchmark(run, max(run.step - warmup, 0), json_path, interrupted=result == "stopped")
+    try:
+        if benchmark_steps:
+            warmup = min(warmup_steps, run.total_steps - 1)
+            result = train_loop(run, benchmark_warmup=warmup)
+            print_benchmark(run, max(run.step - warmup, 0), json_path, interrupted=result == "stopped")
+            run.telemetry.close()
+            return "done"
+        if run.step >= run.total_steps:
+            logger.info("nothing to train: %s is complete at step %d (checkpoint.resume=restart to start over)",
+                        run.run_dir, run.step)
+            print_saved_comparison(run)
+            run.telemetry.close()
+            return "done"
+        result = train_loop(run, evaluate=evaluate_epoch)
+        if result == "done":
+            if run.last_checkpoint_step != run.step:
+                run.last_checkpoint = save_run_checkpoint(run)
+            evaluate_at_end(run)
         run.telemetry.close()
-        return "done"
-    if run.step >= run.total_steps:
-        logger.info("nothing to train: %s is complete at step %d (checkpoint.resume=none to start over)",
-                    run.run_dir, run.step)
-        print_saved_comparison(run)
-        run.telemetry.close()
-        return "done"
-    result = train_loop(run, evaluate=evaluate_epoch)
-    if result == "done":
-        if run.last_checkpoint_step != run.step:
-            run.last_checkpoint = save_run_checkpoint(run)
-        evaluate_at_end(run)
-    run.telemetry.close()
-    return result
+        return result
+    finally:
+        if run.lock is not None:
+            run.lock.release()
 
 
 def benchmark_config(cfg):
@@ -156,7 +160,7 @@ def build_run(cfg, device, benchmark_steps: int = 0, warmup_steps: int = 5):
 
     from model import SSLModel, build_losses, count_step_flops
     from pipeline.loader import build_loader
-    from train.checkpoint import find_checkpoint, load_checkpoint, restore_rng
+    from train.checkpoint import load_checkpoint, restore_rng
     from train.collapse import CollapseMonitor
     from train.config import save_config
     from train.engine import build_student_engine, init_distributed, make_teacher
@@ -172,16 +176,13 @@ def build_run(cfg, device, benchmark_steps: int = 0, warmup_steps: int = 5):
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     run_dir = Path(cfg.run_dir)
-    if rank == 0:
-        save_config(cfg, run_dir)
+    plan, lock = claim_run_folder(cfg, rank, world_size, benchmark_steps)  # before anything is written
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DeepSpeed also broadcasts rank 0's)
     loader = build_loader(cfg.data, cfg.recipe, device=device, rank=rank, world_size=world_size, seed=cfg.seed)
     student = SSLModel(cfg.model, cfg.methods)
     teacher = make_teacher(student, device)
     losses = build_losses(cfg.methods, cfg.model).to(device)
     engine, group_kinds, ds_config = build_student_engine(cfg, student, cfg.data.batch_size, device, world_size)
-    if rank == 0:
-        (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
     global_batch = cfg.data.batch_size * world_size
     schedules = build_schedules(cfg.optim, cfg.schedule, len(loader), global_batch)
     total_steps = schedules.total_steps
@@ -191,13 +192,16 @@ def build_run(cfg, device, benchmark_steps: int = 0, warmup_steps: int = 5):
         total_steps = min(schedules.total_steps, warmup_steps + benchmark_steps)
     run = Run(cfg=cfg, run_dir=run_dir, device=device, rank=rank, world_size=world_size, loader=loader, engine=engine,
               group_kinds=group_kinds, teacher=teacher, losses=losses, schedules=schedules, telemetry=None,
-              total_steps=total_steps, collapse=CollapseMonitor.from_methods(cfg.methods) if rank == 0 else None)
-    checkpoint = None if benchmark_steps else find_checkpoint(run_dir / "checkpoints", cfg.checkpoint.resume)
-    state = None
+              total_steps=total_steps, collapse=CollapseMonitor.from_methods(cfg.methods) if rank == 0 else None,
+              lock=lock)
+    checkpoint, state = plan.checkpoint, None
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, engine=engine, teacher=teacher, losses=losses)
         run.step, run.last_checkpoint, run.last_checkpoint_step = state["step"], checkpoint, state["step"]
         loader.load_state_dict(state["loader"])
+    if rank == 0:  # only now: a relaunch that was refused or failed to load leaves the run's config as it was
+        save_config(cfg, run_dir)
+        (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
     run.telemetry = Telemetry(
         run_dir, rank=rank, device=device, total_steps=total_steps, images_per_step=global_batch, world_size=world_size,
         flops_per_image=count_step_flops(cfg.model, cfg.methods, cfg.recipe),
@@ -210,6 +214,26 @@ def build_run(cfg, device, benchmark_steps: int = 0, warmup_steps: int = 5):
     logger.info("rank %d/%d on %s: %d steps/epoch, %d steps (from %d), global batch %d, peak lr %.3g",
                 rank, world_size, device, len(loader), total_steps, run.step, global_batch, schedules.lr.max())
     return run
+
+
+def claim_run_folder(cfg, rank: int, world_size: int, benchmark_steps: int):
+    """(what this launch does with RUN_DIR, rank 0's lock on it): `train.run_folder` decides, every rank alike
+    (read-only), before anything is written; `checkpoint.resume=restart` moves the old run aside on rank 0."""
+    from train.checkpoint import find_checkpoint
+    from train.config import to_plain
+    from train.run_folder import RunFolderPlan, RunLock, prepare_run_folder
+
+    resume = cfg.checkpoint.resume
+    if benchmark_steps or (resume == "restart" and rank != 0):
+        return RunFolderPlan(checkpoint=None), None
+    plan = prepare_run_folder(to_plain(cfg), cfg.run_dir, resume, world_size, find_checkpoint)
+    lock = RunLock(cfg.run_dir).acquire() if rank == 0 else None
+    if plan.moved_aside is not None:
+        logger.info("checkpoint.resume=restart: the previous run of %s is now %s", cfg.run_dir, plan.moved_aside)
+    if plan.changed:
+        logger.info("resuming %s with changed settings: %s", plan.checkpoint,
+                    "; ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in plan.changed.items()))
+    return plan, lock
 
 
 def print_benchmark(run, steps: int, json_path: str | None = None, interrupted: bool = False) -> None:

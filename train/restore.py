@@ -24,13 +24,13 @@ from train.config import ConfigError, TrainConfig, load_config, resolve_device
 def resolve(path: str | Path) -> tuple[Path, Path]:
     """(run folder, checkpoint folder) from either of them."""
     path = Path(path)
+    if (path / "trainer.pt").is_file():  # first: a checkpoint holds a config.yaml of its own too
+        return path.parent.parent, path
     if (path / "config.yaml").is_file():
         checkpoint = find_checkpoint(path / "checkpoints", "auto")
         if checkpoint is None:
             raise FileNotFoundError(f"{path} has no complete checkpoint under {path / 'checkpoints'}")
         return path, checkpoint
-    if (path / "trainer.pt").is_file():
-        return path.parent.parent, path
     raise FileNotFoundError(f"{path} is neither a run folder (with config.yaml) nor a checkpoint (with trainer.pt)")
 
 
@@ -61,7 +61,8 @@ def load_teacher_for_cli(program: str, path: str | Path, device_name: str):
 def load_teacher(path: str | Path, device: torch.device | str = "cpu") -> tuple[TrainConfig, SSLModel, Path]:
     """(the run's config, its teacher in eval mode on `device`, the checkpoint folder)."""
     run_dir, checkpoint = resolve(path)
-    config = load_config(run_dir / "config.yaml")
+    own = checkpoint / "config.yaml"  # the config it was trained with; older checkpoints have none
+    config = load_config(own if own.is_file() else run_dir / "config.yaml")
     teacher = SSLModel(config.model, config.methods)
     state = torch.load(checkpoint / "trainer.pt", map_location="cpu", weights_only=False)
     teacher.load_state_dict(state["teacher"])

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import yaml
 
-from train.dataclass_yaml import yaml_error_line
+from train.dataclass_yaml import ConfigError, yaml_error_line
 
 LOCK_NAME = ".lock"
 # Dotted prefixes of the settings a checkpoint cannot continue under another value.
@@ -49,8 +49,9 @@ INCOMPATIBLE_KEYS = (
 )
 
 
-class RunFolderError(ValueError):
-    """One line: what about RUN_DIR stops this launch, and what to do."""
+class RunFolderError(ConfigError):
+    """One line: what about RUN_DIR stops this launch, and what to do (`train/main.py` prints it as a
+    `config error:` and exits 2, like every other check made before anything is written)."""
 
 
 @dataclass

@@ -29,7 +29,8 @@ class CheckpointWriteError(RuntimeError):
     the cause and the checkpoint a relaunch resumes from. Raised on every rank alike."""
 
 
-def save_checkpoint(root: Path, step: int, *, engine, teacher, losses, loader_state: dict, extra: dict, keep_last: int) -> Path:
+def save_checkpoint(root: Path, step: int, *, engine, teacher, losses, loader_state: dict, extra: dict, keep_last: int,
+                    config_text: str = "") -> Path:
     """Collective: every rank calls it. Returns the final checkpoint folder.
 
     Raises `CheckpointWriteError` on every rank, with the same message, when any rank could not write;
@@ -41,7 +42,7 @@ def save_checkpoint(root: Path, step: int, *, engine, teacher, losses, loader_st
     tmp = root / f".tmp-{final.name}"
     _settle(attempt(_start_folder, root, tmp) if rank == 0 else None, root, tmp)
     failure = _write_parts(tmp, rank, step, engine=engine, teacher=teacher, losses=losses,
-                           loader_state=loader_state, extra=extra)
+                           loader_state=loader_state, extra=extra, config_text=config_text)
     _settle(failure, root, tmp)
     _settle(attempt(_publish, root, tmp, final, step, keep_last) if rank == 0 else None, root, tmp)
     logger.info("saved checkpoint %s", final)
@@ -56,8 +57,10 @@ def _start_folder(root: Path, tmp: Path) -> None:
         tmp.mkdir()
 
 
-def _write_parts(tmp: Path, rank: int, step: int, *, engine, teacher, losses, loader_state, extra) -> str | None:
-    """Every rank: DeepSpeed's files, this rank's RNG + loader file, and (rank 0) trainer.pt. Returns
+def _write_parts(tmp: Path, rank: int, step: int, *, engine, teacher, losses, loader_state, extra,
+                 config_text: str = "") -> str | None:
+    """Every rank: DeepSpeed's files, this rank's RNG + loader file, and (rank 0) trainer.pt and the config
+    the checkpoint was trained with (`config.yaml`: what its evaluations and relaunches read). Returns
     the first failure (a one-line description) or None; never raises a write error past DeepSpeed's barriers."""
     failures: list[str] = []
     try:
@@ -74,6 +77,8 @@ def _write_parts(tmp: Path, rank: int, step: int, *, engine, teacher, losses, lo
     if failure is None and rank == 0:
         trainer_state = {"step": step, "teacher": teacher.state_dict(), "losses": losses.state_dict(), **extra}
         failure = attempt(write_object, tmp / "trainer.pt", trainer_state)
+    if failure is None and rank == 0 and config_text:
+        failure = attempt(write_text, tmp / "config.yaml", config_text)
     return failure
 
 
