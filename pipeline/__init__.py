@@ -14,8 +14,16 @@ Modules: `views` (the batch contract), `recipe`, `geometry`, `engine` (stage 2, 
 `order` (each epoch's order, shards and views seeds), `loader` (the loader and its resume state),
 `backends` (stage 1: dali, ffcv, reference, dali_ops; the evaluation images), `bench` and `measure` (the
 throughput command and its clocks), `show`. Nothing is imported here eagerly: DALI and FFCV take seconds
-to import.
+to import, and nothing that imports torch either.
 """
-from pipeline.views import DecodedBatch, RegionSwap, Views
-
 __all__ = ["DecodedBatch", "RegionSwap", "Views"]
+
+
+def __getattr__(name: str):
+    """`pipeline.Views` etc. on first use: importing a light module (e.g. `pipeline.arguments` for a
+    command's `--help`) must not import torch."""
+    if name in __all__:
+        from pipeline import views
+
+        return getattr(views, name)
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

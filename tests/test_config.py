@@ -105,6 +105,32 @@ def test_train_config_errors_name_the_key(tmp_path):
         load_config(path, ["data.batch_size=0"])
 
 
+@pytest.mark.parametrize("override, message", [
+    ("data.canvas_size=4", r"^data\.canvas_size: 4 px is smaller than the global crops \(32 px\)"),
+    ("data.canvas_size=32", None),  # the boundary: a canvas of the crops' own size is fine
+    ("optim.min_lr=-0.000001", r"^optim\.min_lr: must be a finite number >= 0, got -1e-06$"),
+    ("optim.weight_decay=-0.04", r"^optim\.weight_decay: must be a finite number >= 0, got -0\.04$"),
+    ("optim.weight_decay_end=-1", r"^optim\.weight_decay_end: must be a finite number >= 0"),
+    ("optim.warmup_epochs=-1", r"^optim\.warmup_epochs: must be a finite number >= 0"),
+    ("optim.lr_absolute=.inf", r"^optim\.lr_absolute: must be a finite number >= 0, got inf$"),
+    ("optim.betas=[0.9,1.0]", r"^optim\.betas: must be two numbers in \[0, 1\), got \[0\.9, 1\.0\]$"),
+    ("optim.eps=0", r"^optim\.eps: must be a finite number > 0, got 0"),
+    ("deepspeed.gradient_clipping=-3", r"^deepspeed\.gradient_clipping: must be >= 0 \(0 = off\), got -3"),
+    ("model.num_heads=3", r"^model\.num_heads: 3 heads do not divide the width 64 \(model\.embed_dim or "
+                          r"vit_tiny_patch16_224's\); use a divisor, e\.g\. 1, 2, 4, 8$"),
+    ("model.embed_dim=0", None),  # the arch's own width, 192, over 2 heads is fine
+])
+def test_nonsense_values_are_refused_naming_the_key(tmp_path, override, message):
+    """Values that used to train without an error (4 px canvases, a negative weight decay) or die deep in
+    timm (heads not dividing the width): one ConfigError line naming the key."""
+    path = write_tiny_config(tmp_path, tmp_path / "x.beton", tmp_path / "run")
+    if message is None:
+        assert load_config(path, [override]).validate()
+        return
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, [override])
+
+
 def test_main_reports_config_errors_without_traceback(tmp_path, capsys):
     from train.main import main
 

@@ -273,3 +273,34 @@ def test_eval_clis_name_a_run_config_that_does_not_load_in_one_line(trained_run,
     assert importlib.import_module(f"train.{program}").main([str(run_dir)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"{program}: ") and "unknown_section" in err and err.count("\n") == 1, err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("program", ["eval_knn", "eval_linear"])
+def test_eval_clis_refuse_sets_and_sizes_that_cannot_work_in_one_line(trained_run, tmp_path, capsys, program):
+    """An image smaller than one patch, a missing set, an unlabelled set: one line naming the flag, exit 2,
+    before any feature is computed (they used to end in a traceback from deep inside the model or k-NN)."""
+    import importlib
+
+    import imagefactory
+    from preprocess.build import build_ffcv
+
+    run_dir, beton, queries = trained_run
+    unlabelled = tmp_path / "unlabelled"
+    imagefactory.make_image_folder(unlabelled, num_classes=1, per_class=3)
+    for image in list(unlabelled.rglob("*.jpg")):
+        image.rename(unlabelled / image.name)  # files without class folders: label -1
+    for folder in [p for p in unlabelled.iterdir() if p.is_dir()]:
+        folder.rmdir()
+    build_ffcv(unlabelled, tmp_path / "unlabelled.beton")
+    main = importlib.import_module(f"train.{program}").main
+    cases = {
+        ("--image-size", "7"): "--image-size 7 is smaller than the model's 8 px patches",
+        ("--test-path", str(tmp_path / "missing.beton")): f"--test-path: '{tmp_path / 'missing.beton'}' does not exist",
+        ("--train-path", str(tmp_path / "unlabelled.beton")):
+            f"--train-path: {tmp_path / 'unlabelled.beton'} has 3 unlabelled images; the evaluation needs class labels",
+    }
+    for (flag, value), message in cases.items():
+        assert main([str(run_dir), flag, value, "--workers", "0"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"{program}: {message}") and err.count("\n") == 1, err

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,7 +125,14 @@ class TrainConfig:
             _validate_section(section, getattr(self, section))
         _check(self.device in ("auto", "cuda", "cpu"), "device", f"must be auto, cuda or cpu, got {self.device!r}")
         _check(self.collective_timeout_s >= 1, "collective_timeout_s", f"must be >= 1 (seconds), got {self.collective_timeout_s}")
-        _check(self.optim.lr > 0 or self.optim.lr_absolute > 0, "optim.lr", "must be > 0")
+        _check_optim(self.optim)
+        _check(self.deepspeed.gradient_clipping >= 0, "deepspeed.gradient_clipping",
+               f"must be >= 0 (0 = off), got {self.deepspeed.gradient_clipping}")
+        _check_heads(self.model)
+        crop = self.recipe.global_views.size
+        _check(self.data.canvas_size >= crop, "data.canvas_size", f"{self.data.canvas_size} px is smaller than the global "
+               f"crops ({crop} px): every image would be shrunk to it and blown up again; use at least {crop} "
+               "(512 for photos of ImageNet's size)")
         _check(self.schedule.epochs >= 1, "schedule.epochs", f"must be >= 1, got {self.schedule.epochs}")
         _check(self.schedule.max_steps >= 0, "schedule.max_steps", "must be >= 0")
         for name in ("teacher_momentum", "teacher_momentum_end"):
@@ -195,6 +203,33 @@ def _check_views_for_methods(methods, recipe) -> None:
            "needs nested crops: set recipe.nested=true (or start from `recipe: flsl`)")
 
 
+VIT_SIZES = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12), "large": (1024, 16), "huge": (1280, 16)}
+
+
+def _check_heads(model: ModelConfig) -> None:
+    """The width splits evenly over the heads (else timm fails deep in the first forward); the arch's own
+    width and heads come from its timm name (vit_<size>_patch..), unknown names are left to timm."""
+    size = model.arch.split("_")[1] if model.arch.count("_") >= 2 else ""
+    width, heads = VIT_SIZES.get(size, (0, 0))
+    width, heads = model.embed_dim or width, model.num_heads or heads
+    if width and heads:
+        nearest = sorted(sorted((d for d in range(1, width + 1) if width % d == 0), key=lambda d: abs(d - heads))[:4])
+        _check(width % heads == 0, "model.num_heads", f"{heads} heads do not divide the width {width} "
+               f"(model.embed_dim or {model.arch}'s); use a divisor, e.g. {', '.join(map(str, nearest))}")
+
+
+def _check_optim(optim: OptimConfig) -> None:
+    """Finite, non-negative optimizer settings (a negative weight decay or min_lr trains without an error)."""
+    _check(optim.lr > 0 or optim.lr_absolute > 0, "optim.lr", "must be > 0")
+    for name in ("lr", "lr_absolute", "min_lr", "warmup_epochs", "weight_decay", "weight_decay_end",
+                 "freeze_last_layer_epochs"):
+        value = getattr(optim, name)
+        _check(math.isfinite(value) and value >= 0, f"optim.{name}", f"must be a finite number >= 0, got {value}")
+    _check(all(0 <= beta < 1 for beta in optim.betas) and len(optim.betas) == 2, "optim.betas",
+           f"must be two numbers in [0, 1), got {list(optim.betas)}")
+    _check(math.isfinite(optim.eps) and optim.eps > 0, "optim.eps", f"must be a finite number > 0, got {optim.eps}")
+
+
 def check_paths(config: TrainConfig) -> None:
     """The data files a run reads exist (checked before anything is built or written)."""
     for key, value in (("data.path", config.data.path), ("eval.train_path", config.eval.train_path),
@@ -225,6 +260,9 @@ def check_data(config: TrainConfig, world_size: int) -> None:
     _check(not data.drop_last or len(source) >= global_batch, "data.batch_size",
            f"{len(source)} samples in {data.path} make no whole global batch of {data.batch_size} x {world_size} rank(s); "
            "lower data.batch_size or set data.drop_last=false")
+    _check(not data.drop_last or not data.max_samples or data.max_samples >= global_batch, "data.max_samples",
+           f"an epoch of {data.max_samples} samples makes no whole global batch of {data.batch_size} x {world_size} "
+           f"rank(s); raise data.max_samples to at least {global_batch}, or lower data.batch_size")
     for key in ("eval.train_path", "eval.test_path"):
         path = getattr(config.eval, key.split(".")[1])
         if path:

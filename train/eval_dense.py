@@ -17,15 +17,9 @@ from pathlib import Path
 from evaluation.baselines import dense_sources
 from evaluation.config import DenseEvalConfig
 from evaluation.dense import compare_dense, format_dense_table
+from pipeline.arguments import OneLineParser
 from preprocess.beton import BetonError
 from train.restore import load_teacher_for_cli, random_init_model
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad argument in one line (no usage block)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -17,24 +17,25 @@ import sys
 from evaluation.baselines import knn_sources
 from evaluation.config import EVAL_FEATURES
 from evaluation.knn import compare_knn, format_comparison
-from train.restore import load_teacher_for_cli, random_init_model
+from pipeline.arguments import OneLineParser, integer, number
+from train.restore import eval_sets_error, load_teacher_for_cli, random_init_model
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Weighted k-NN (DINO) of a trained teacher backbone.")
+    parser = OneLineParser(prog="eval_knn", description="Weighted k-NN (DINO) of a trained teacher backbone.")
     parser.add_argument("path", help="run folder (uses checkpoints/latest) or a checkpoint folder")
     parser.add_argument("--train-path", help="labelled .beton / image folder for the memory bank (default: the run's eval.train_path)")
     parser.add_argument("--test-path", help="labelled .beton / image folder to classify (default: the run's eval.test_path)")
-    parser.add_argument("--image-size", type=int, help="eval resize/centre-crop side in pixels (default: the run's)")
-    parser.add_argument("--batch-size", type=int, help="images per forward (default: the run's eval.batch_size)")
-    parser.add_argument("--k", type=int, help="neighbours (default: the run's, DINO 20)")
-    parser.add_argument("--temperature", type=float, help="vote temperature (default: the run's, DINO 0.07)")
-    parser.add_argument("--max-train-samples", type=int, help="use the first N memory images (default: the run's; 0 = all)")
-    parser.add_argument("--max-test-samples", type=int, help="classify the first N test images (default: the run's; 0 = all)")
+    parser.add_argument("--image-size", type=integer(1), help="eval resize/centre-crop side in pixels (default: the run's)")
+    parser.add_argument("--batch-size", type=integer(1), help="images per forward (default: the run's eval.batch_size)")
+    parser.add_argument("--k", type=integer(1), help="neighbours (default: the run's, DINO 20)")
+    parser.add_argument("--temperature", type=number(0), help="vote temperature (default: the run's, DINO 0.07)")
+    parser.add_argument("--max-train-samples", type=integer(0), help="use the first N memory images (default: the run's; 0 = all)")
+    parser.add_argument("--max-test-samples", type=integer(0), help="classify the first N test images (default: the run's; 0 = all)")
     parser.add_argument("--features", choices=EVAL_FEATURES,
                         help="teacher features (default: the run's eval.features; auto = patch_mean for FLSL-only runs)")
     parser.add_argument("--baselines", action="store_true", help="also random-init backbone and raw pixels")
-    parser.add_argument("--workers", type=int, default=2, help="decode worker processes (default: 2)")
+    parser.add_argument("--workers", type=integer(0), default=2, help="decode worker processes (default: 2)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: auto)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser.parse_args(argv)
@@ -51,8 +52,9 @@ def main(argv: list[str] | None = None) -> int:
                                                         "temperature", "max_train_samples", "max_test_samples", "features")
                  if getattr(args, name) is not None}
     eval_cfg = dataclasses.replace(config.eval, **overrides)
-    if not eval_cfg.train_path or not eval_cfg.test_path:
-        print("eval_knn: no evaluation sets; pass --train-path and --test-path", file=sys.stderr)
+    error = eval_sets_error(eval_cfg.train_path, eval_cfg.test_path, eval_cfg.image_size, teacher.patch_size)
+    if error is not None:
+        print(f"eval_knn: {error}", file=sys.stderr)
         return 2
     baseline = random_init_model(config, device) if args.baselines else None
     sources = knn_sources(teacher, baseline, features=eval_cfg.features, teacher_name=f"trained teacher ({checkpoint.name})")

@@ -14,13 +14,13 @@ img_size) are part of the kwargs, so the tiny demo model loads the same way as a
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 from safetensors.torch import save_file
 
+from pipeline.arguments import OneLineParser
 from train.restore import load_teacher, load_teacher_for_cli
 
 
@@ -51,7 +51,7 @@ def write_teacher(config, teacher, checkpoint: Path, out: str | Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Export a run's teacher backbone as timm-loadable safetensors.")
+    parser = OneLineParser(prog="export", description="Export a run's teacher backbone as timm-loadable safetensors.")
     parser.add_argument("path", help="run folder (uses checkpoints/latest) or a checkpoint folder")
     parser.add_argument("out", help="output file, e.g. teacher.safetensors")
     args = parser.parse_args(argv)

@@ -38,13 +38,16 @@ logger = logging.getLogger("train.main")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Train a dense self-supervised ViT (DINO, ADCLR, SelfPatch, RegionCL, FLSL).")
+    from pipeline.arguments import OneLineParser, integer
+
+    parser = OneLineParser(prog="train/main.py",
+                           description="Train a dense self-supervised ViT (DINO, ADCLR, SelfPatch, RegionCL, FLSL).")
     parser.add_argument("--config", action="append", metavar="YAML",
                         help="preset (configs/*.yaml); repeat to add overlays (later wins); omitted = the built-in defaults")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.001 data.batch_size=32")
-    parser.add_argument("--benchmark", type=int, default=0, metavar="STEPS",
+    parser.add_argument("--benchmark", type=integer(0), default=0, metavar="STEPS",
                         help="time STEPS steps after warm-up and print throughput (default: 0 = train)")
-    parser.add_argument("--warmup-steps", type=int, default=5, help="untimed steps before --benchmark timing (default: 5)")
+    parser.add_argument("--warmup-steps", type=integer(0), default=5, help="untimed steps before --benchmark timing (default: 5)")
     parser.add_argument("--json", metavar="PATH", help="--benchmark: also write its figures to this JSON file")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_intermixed_args(argv)  # overrides may come before and after --config

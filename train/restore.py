@@ -69,6 +69,25 @@ def load_teacher(path: str | Path, device: torch.device | str = "cpu") -> tuple[
     return config, teacher.to(device).eval().requires_grad_(False), checkpoint
 
 
+def eval_sets_error(train_path: str, test_path: str, image_size: int, patch_size: int) -> str | None:
+    """For the k-NN and linear-probe CLIs, before any feature is computed: why their sets or image size
+    cannot work (one line naming the flag), or None."""
+    from pipeline.backends.source import open_source
+
+    if not train_path or not test_path:
+        return "no evaluation sets; pass --train-path and --test-path"
+    if image_size < patch_size:
+        return f"--image-size {image_size} is smaller than the model's {patch_size} px patches"
+    for flag, path in (("--train-path", train_path), ("--test-path", test_path)):
+        try:
+            labels = open_source(path).labels
+        except (OSError, ValueError) as error:
+            return f"{flag}: {str(error).removeprefix('data.path: ')}"
+        if (labels < 0).any():
+            return f"{flag}: {path} has {int((labels < 0).sum())} unlabelled images; the evaluation needs class labels"
+    return None
+
+
 def random_init_model(config: TrainConfig, device: torch.device | str = "cpu") -> SSLModel:
     """The run's architecture freshly initialized from its seed (the baselines' reference point)."""
     return baselines.random_init_model(config.model, config.methods, config.seed, device)
