@@ -198,3 +198,36 @@ def test_a_relaunch_is_judged_by_the_checkpoints_config_before_anything_changes(
     from train.restore import load_teacher  # an evaluation of step 2 reads the config step 2 was trained with
 
     assert load_teacher(checkpoint)[0].eval.k == 20 and load_teacher(run_dir)[0].eval.k == 5
+
+
+DAMAGE = {  # name: (damage step 4's checkpoint, the file the line names, its cause)
+    "trainer.pt truncated": (lambda c: (c / "trainer.pt").write_bytes((c / "trainer.pt").read_bytes()[:100]), "trainer.pt", ""),
+    "rank file missing": (lambda c: (c / "rank_00000.pt").unlink(), "rank_00000.pt", "missing"),
+    "engine missing": (lambda c: __import__("shutil").rmtree(c / "engine"), "engine", "missing"),
+    "engine states truncated": (lambda c: [f.write_bytes(f.read_bytes()[:64]) for f in (c / "engine").rglob("*model_states.pt")],
+                                "engine", ""),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_checkpoint_is_one_line_naming_the_file_and_an_earlier_one(beton, tmp_path, capsys, damage):
+    """A relaunch onto a checkpoint with a missing or truncated file stops before the run folder changes,
+    naming the file and the earlier checkpoint to resume from; resuming from it works."""
+    from train.main import main
+
+    damage_it, name, cause = DAMAGE[damage]
+    run_dir, root = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    config = write_tiny_config(tmp_path, beton, run_dir, schedule={"max_steps": 4}, checkpoint={"every_steps": 2},
+                               model={"drop_path_rate": 0.0})
+    assert main(["--config", str(config)]) == 0
+    damage_it(root / "step_00000004")
+    before = (run_dir / "config.yaml").read_bytes()
+    capsys.readouterr()
+    assert main(["--config", str(config), "schedule.max_steps=6"]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("checkpoint error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"checkpoint error: cannot read {root / 'step_00000004' / name}: {cause}")
+    assert errors[0].endswith(f"this checkpoint is damaged: resume from an earlier one "
+                              f"(checkpoint.resume={root / 'step_00000002'})"), errors[0]
+    assert (run_dir / "config.yaml").read_bytes() == before
+    assert main(["--config", str(config), "schedule.max_steps=6", f"checkpoint.resume={root / 'step_00000002'}"]) == 0

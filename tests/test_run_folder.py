@@ -154,3 +154,9 @@ def test_the_lock_stops_a_second_launch_and_dies_with_its_holder(tmp_path):
     holder.kill()
     holder.wait()
     RunLock(tmp_path / "run").acquire().release()  # a killed holder leaves no stale lock
+
+
+def test_a_run_dir_that_cannot_be_made_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RunFolderError, match=rf"run_dir: cannot write {tmp_path / 'file' / 'run'}: \[Errno 20\] Not a directory"):
+        RunLock(tmp_path / "file" / "run").acquire()

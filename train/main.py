@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {error}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from train.checkpoint import CheckpointWriteError
+    from train.checkpoint import CheckpointReadError, CheckpointWriteError
     from train.loop import NonFiniteLoss, NoUsableData  # imports DeepSpeed (through train.engine)
 
     try:
@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except NoUsableData as error:
         print(f"data error: {error}", file=sys.stderr)
+        return 1
+    except CheckpointReadError as error:  # before the run folder was changed
+        print(f"checkpoint error: {error}", file=sys.stderr)
         return 1
     except CheckpointWriteError as error:  # raised alike on every rank; the previous checkpoint stays `latest`
         print(f"checkpoint error: {error}", file=sys.stderr)

@@ -178,8 +178,12 @@ class RunLock:
         self.file = None
 
     def acquire(self) -> "RunLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(self.path, "a+")
+        except OSError as error:
+            raise RunFolderError(f"run_dir: cannot write {self.path.parent}: [Errno {error.errno}] {error.strerror}; "
+                                 f"choose a folder this user can write") from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

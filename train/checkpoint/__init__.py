@@ -32,8 +32,8 @@ their one-line failures), `save` (the collective save and its phases), `resume` 
 back, RNG states). The names below are the package's API.
 """
 from train.checkpoint.layout import LATEST, checkpoint_name, find_checkpoint, list_checkpoints
-from train.checkpoint.resume import load_checkpoint, restore_rng, rng_states
+from train.checkpoint.resume import CheckpointReadError, load_checkpoint, restore_rng, rng_states
 from train.checkpoint.save import CheckpointWriteError, save_checkpoint
 
-__all__ = ["LATEST", "CheckpointWriteError", "checkpoint_name", "find_checkpoint", "list_checkpoints", "load_checkpoint",
+__all__ = ["LATEST", "CheckpointReadError", "CheckpointWriteError", "checkpoint_name", "find_checkpoint", "list_checkpoints", "load_checkpoint",
            "restore_rng", "rng_states", "save_checkpoint"]
