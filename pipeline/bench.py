@@ -44,17 +44,19 @@ import signal
 import psutil
 import torch
 
+from pipeline.arguments import OneLineParser, integer, number
 from pipeline.loader import DataConfig, build_loader
 from pipeline.measure import Measurement, Runner, measure
 from pipeline.recipe import PRESET_NAMES, recipe_preset
+from preprocess.beton import BetonError
 
 logger = logging.getLogger(__name__)
 BENCH_BACKENDS = ("dali", "ffcv", "reference", "dali-ops")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineParser(prog="python -m pipeline.bench", description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--backend", choices=BENCH_BACKENDS, default="dali", help="loader to measure")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where decode and views run")
@@ -62,15 +64,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--recipe", default="adclr", choices=PRESET_NAMES, help="view recipe preset")
     parser.add_argument("--swap", action="store_true", help="also make RegionCL swaps (e.g. 'ADCLR + swaps')")
     parser.add_argument("--tiny", action="store_true", help="shrink the recipe to 32/16/8 px crops/patches (smoke tests)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per batch")
-    parser.add_argument("--seconds", type=float, default=30.0,
+    parser.add_argument("--batch-size", type=integer(1), default=64, help="images per batch")
+    parser.add_argument("--seconds", type=number(0), default=30.0,
                         help="seconds for warm-up (at most 20%%) plus measurement, all backends together")
-    parser.add_argument("--warmup-batches", type=int, default=2, help="batches per backend before measuring (at least 1)")
-    parser.add_argument("--workers", type=int, default=psutil.cpu_count() or 1,
+    parser.add_argument("--warmup-batches", type=integer(1), default=2, help="batches per backend before measuring (at least 1)")
+    parser.add_argument("--workers", type=integer(0), default=psutil.cpu_count() or 1,
                         help="DALI/FFCV decode threads, or reference DataLoader worker processes")
-    parser.add_argument("--canvas-size", type=int, default=512, help="decoded canvas side in pixels (dali/ffcv)")
+    parser.add_argument("--canvas-size", type=integer(1), default=512, help="decoded canvas side in pixels (dali/ffcv)")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="dtype of the views")
-    parser.add_argument("--segment-batches", type=int, default=4,
+    parser.add_argument("--segment-batches", type=integer(1), default=4,
                         help="with --vs: measured batches per backend per turn (after draining its work made ahead)")
     parser.add_argument("--vs", choices=BENCH_BACKENDS, default=None, help="second backend, run alternately; prints the ratio")
     parser.add_argument("--verify-crc", choices=("on", "off", "both"), default="on",
@@ -160,7 +162,10 @@ def main(argv=None) -> dict:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here; use --device cpu")
     device = torch.device(args.device)
-    measurement = Measurement(build_runners(args, device), device)
+    try:
+        measurement = Measurement(build_runners(args, device), device)
+    except (BetonError, OSError, ValueError) as error:  # a missing, truncated or empty dataset: one line
+        raise SystemExit(f"python -m pipeline.bench: --data: {str(error).removeprefix('data.path: ')}") from None
 
     def finish(results: dict) -> dict:
         results["args"] = vars(args)

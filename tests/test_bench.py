@@ -120,9 +120,21 @@ def test_sigterm_leaves_a_json_with_the_figures_so_far(beton, tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["--data", "/nowhere/x.beton"], "--data /nowhere/x.beton: no such .beton file or image folder"),
     (["--recipe", "foo"], "argument --recipe: invalid choice: 'foo'"),
+    (["--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got '0'"),
+    (["--seconds", "-1"], "argument --seconds: must be a finite number > 0, got '-1'"),
+    (["--workers", "-2"], "argument --workers: must be an integer >= 0, got '-2'"),
 ])
 def test_bench_bad_input_is_a_one_line_error_with_exit_code_2(beton, capsys, extra, message):
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["--device", "cpu", "--data", str(beton), *extra])
     error = capsys.readouterr().err
-    assert exit_info.value.code == 2 and message in error and "Traceback" not in error
+    assert exit_info.value.code == 2 and message in error and error.count("\n") == 1, error
+
+
+def test_bench_on_a_truncated_beton_is_one_line(beton, tmp_path):
+    truncated = tmp_path / "cut.beton"
+    truncated.write_bytes(beton.read_bytes()[: 9 * 2**20])  # past the header, inside the data pages
+    (tmp_path / "cut.manifest.json").write_bytes(beton.with_suffix(".manifest.json").read_bytes())
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--device", "cpu", "--backend", "reference", "--data", str(truncated)])
+    assert str(exit_info.value.code).startswith(f"python -m pipeline.bench: --data: {truncated}: truncated (header promises ")

@@ -22,9 +22,13 @@ def test_exported_teacher_loads_in_timm_with_identical_features(tmp_path, capsys
     beton = make_tiny_beton(tmp_path / "data")
     config = tiny_config(tmp_path, beton, tmp_path / "run", ["schedule.max_steps=2", "deepspeed.zero_stage=3"])
     assert train(config) == "done"
+    (tmp_path / "a_file").write_text("x")
+    assert main([str(tmp_path / "run"), str(tmp_path / "a_file" / "teacher.safetensors")]) == 1  # not a folder
+    assert capsys.readouterr().err == f"export: cannot write {tmp_path / 'a_file' / 'teacher.safetensors'}: [Errno 20] Not a directory\n"
     out = tmp_path / "teacher.safetensors"
     assert main([str(tmp_path / "run"), str(out)]) == 0
     assert "pretrained_cfg_overlay" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.glob("*teacher.safetensors*")) == ["teacher.safetensors"]  # no .partial left
 
     metadata = safe_open(str(out), "pt").metadata()
     kwargs = json.loads(metadata["timm_kwargs"])

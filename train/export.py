@@ -15,6 +15,7 @@ img_size) are part of the kwargs, so the tiny demo model loads the same way as a
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -46,7 +47,12 @@ def write_teacher(config, teacher, checkpoint: Path, out: str | Path) -> dict:
                 "format": "pt", "producer": "densessl train.export"}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out), metadata=metadata)
+    partial = out.with_name(f".{out.name}.partial")  # never a half-written file under the final name
+    try:
+        save_file(state, str(partial), metadata=metadata)
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
     return {"arch": config.model.arch, "kwargs": kwargs, "checkpoint": str(checkpoint)}
 
 
@@ -62,7 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     if loaded is None:  # a bad path or run config, already reported in one line
         return 2
     config, teacher, checkpoint, _ = loaded
-    info = write_teacher(config, teacher, checkpoint, args.out)
+    try:
+        info = write_teacher(config, teacher, checkpoint, args.out)
+    except OSError as error:  # an unwritable folder, a full disk: nothing is left under the name
+        print(f"export: cannot write {args.out}: [Errno {error.errno}] {error.strerror}", file=sys.stderr)
+        return 1
     kwargs = ", ".join(f"{k}={v!r}" for k, v in info["kwargs"].items())
     print(f"wrote {args.out} (teacher backbone of {info['checkpoint']})\n"
           f"load: timm.create_model({info['arch']!r}, pretrained=True, "
