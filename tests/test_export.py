@@ -23,8 +23,9 @@ def test_exported_teacher_loads_in_timm_with_identical_features(tmp_path, capsys
     config = tiny_config(tmp_path, beton, tmp_path / "run", ["schedule.max_steps=2", "deepspeed.zero_stage=3"])
     assert train(config) == "done"
     (tmp_path / "a_file").write_text("x")
-    assert main([str(tmp_path / "run"), str(tmp_path / "a_file" / "teacher.safetensors")]) == 1  # not a folder
-    assert capsys.readouterr().err == f"export: cannot write {tmp_path / 'a_file' / 'teacher.safetensors'}: [Errno 20] Not a directory\n"
+    assert main([str(tmp_path / "run"), str(tmp_path / "a_file" / "teacher.safetensors")]) == 2  # checked before loading
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("export:")]
+    assert errors == [f"export: cannot write {tmp_path / 'a_file' / 'teacher.safetensors'}: {tmp_path / 'a_file'} is a file, not a folder"]
     out = tmp_path / "teacher.safetensors"
     assert main([str(tmp_path / "run"), str(out)]) == 0
     assert "pretrained_cfg_overlay" in capsys.readouterr().out

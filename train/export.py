@@ -64,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.out.endswith(".safetensors"):
         print(f"export: {args.out} should end in .safetensors (timm picks the loader by extension)", file=sys.stderr)
         return 2
+    folder = next((p for p in Path(args.out).parents if p.exists()), Path("."))
+    if not folder.is_dir():
+        print(f"export: cannot write {args.out}: {folder} is a file, not a folder", file=sys.stderr)
+        return 2
     loaded = load_teacher_for_cli("export", args.path, "cpu")
     if loaded is None:  # a bad path or run config, already reported in one line
         return 2
