@@ -343,3 +343,14 @@ def test_a_data_mistake_prints_exactly_one_line_from_the_command(tiny_data, tmp_
     assert result.stderr.splitlines() == [DATA_MISTAKES["batch larger than the data"][2].format(**tiny_data)
                                           .join(["config error: ", ""])]
     assert result.stdout == "" and not (tmp_path / "run").exists()
+
+
+def test_the_cpu_smoke_overlay_gives_each_preset_its_own_run_dir():
+    """Two smoke runs of different presets used to share runs/cpu_smoke (the second resumed, or now would be
+    refused by, the first's checkpoint): `{presets}` in run_dir names the folder after the --config files."""
+    folders = {preset: load_config([f"configs/{preset}.yaml", "configs/cpu_smoke.yaml"], ["data.path=x.beton"]).run_dir
+               for preset in ("adclr_vit_s16", "dino_vit_s16")}
+    assert folders == {"adclr_vit_s16": "runs/cpu_smoke/adclr_vit_s16+cpu_smoke",
+                       "dino_vit_s16": "runs/cpu_smoke/dino_vit_s16+cpu_smoke"}
+    assert load_config(["configs/adclr_vit_s16.yaml", "configs/cpu_smoke.yaml"],
+                       ["data.path=x.beton", "run_dir=runs/mine"]).run_dir == "runs/mine"  # an explicit one wins

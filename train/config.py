@@ -104,7 +104,7 @@ class CheckpointConfig:
 
 @dataclass
 class TrainConfig:
-    run_dir: str = "runs/default"  # everything of the run: config, checkpoints, metrics, TensorBoard
+    run_dir: str = "runs/default"  # everything of the run: config, checkpoints, metrics, TensorBoard; "{presets}" in it becomes the --config names joined by "+" (overlays use it: one folder per preset)
     seed: int = 0  # seeds the model init, the data order and the augmentations
     device: str = "auto"  # "auto" (cuda if available), "cuda" or "cpu"
     cpu_threads: int = 0  # torch threads per rank on CPU (0 = torch's default)
@@ -161,6 +161,8 @@ def load_config(path: str | Path | list | None, overrides: list[str] = ()) -> Tr
         tree = deep_merge(tree, load_yaml_chain(one))
     for assignment in overrides:
         tree = apply_override(tree, assignment)
+    if isinstance(tree.get("run_dir"), str) and "{presets}" in tree["run_dir"]:  # an overlay's own folder per preset
+        tree["run_dir"] = tree["run_dir"].replace("{presets}", "+".join(Path(one).stem for one in paths) or "defaults")
     config = build(TrainConfig, tree)
     try:
         return config.validate()
