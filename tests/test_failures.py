@@ -150,8 +150,10 @@ def test_a_dataset_whose_records_are_all_corrupt_stops_with_one_line(beton, tmp_
     imagefactory.corrupt_beton_records(damaged, range(len(open_beton(damaged))))
     config = write_tiny_config(tmp_path, damaged, tmp_path / "run", schedule={"max_steps": 4})
     root = Path(__file__).resolve().parent.parent
+    launcher = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # left by in-process runs of this session
+    env = {key: value for key, value in os.environ.items() if key not in launcher}
     result = subprocess.run([sys.executable, "train/main.py", "--config", str(config)], cwd=root, capture_output=True,
-                            text=True, timeout=240)
+                            text=True, timeout=240, env=env)
     errors = [line for line in result.stderr.splitlines() if line.startswith("data error: ")]
     assert result.returncode == 1 and len(errors) == 1, result.stderr[-2000:]
     assert errors[0].startswith(f"data error: epoch 0 of {damaged} gave rank 0 no usable batch: 24 records skipped so far "
