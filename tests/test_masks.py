@@ -274,3 +274,17 @@ def test_cuda_masks_equal_the_cpu_masks_and_never_sync():
         torch.cuda.set_sync_debug_mode("default")
     cpu = ViewsEngine(tiny_masked_recipe(), "cpu").make_views(make_batch()[0], torch.Generator().manual_seed(1))
     assert torch.equal(views.masks.cpu(), cpu.masks)
+
+
+def test_mask_making_reads_nothing_back_from_the_device():
+    """CPU stand-in for the CUDA check: after a first batch (cached bins), making the masks runs no operator that
+    would make the host wait for a GPU (item, nonzero, data-dependent shapes, tensors from host data)."""
+    from test_train_syncs import HostSyncSpy
+
+    uniforms = draw_mask_uniforms(DINOV2, 128, torch.Generator().manual_seed(0))
+    block_masks(DINOV2, uniforms, 2, (14, 14))
+    spy = HostSyncSpy()
+    with spy:
+        block_masks(DINOV2, uniforms, 2, (14, 14))
+        max_masked_patches(DINOV2, 128, 196)
+    assert dict(spy.hits) == {}
