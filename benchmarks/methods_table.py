@@ -4,9 +4,10 @@ k-NN and two dense probes.
     python3 benchmarks/methods_table.py --out benchmarks/methods_fashion_mnist.md            # train + table
     python3 benchmarks/methods_table.py --out benchmarks/methods_fashion_mnist.md --seeds 0 1
     python3 benchmarks/methods_table.py --out benchmarks/methods_fashion_mnist.md --collect-only
+    python3 benchmarks/methods_table.py --out benchmarks/methods_fashion_mnist.md --seeds 0 1 --rows ibot dinov2 --merge
 
-Each row is a preset of configs/methods_table/ (DINO, DINO+ADCLR, DINO+SelfPatch, DINO+RegionCL, FLSL, all
-five), trained by `train/main.py` into RUNS/<row>-seed<s> (a finished run is not trained again: re-running
+Each row is a preset of configs/methods_table/ (DINO, DINO+ADCLR, DINO+SelfPatch, DINO+RegionCL, FLSL,
+DINO+iBOT, the DINOv2 recipe, all five), trained by `train/main.py` into RUNS/<row>-seed<s> (a finished run is not trained again: re-running
 resumes it, which only reprints its tables; its log is RUNS/<row>-seed<s>.log). The first row of the first
 seed also evaluates the random-init backbone and raw pixels (`eval.compare_baselines`), shown as the last two
 rows. Columns, read from each run's metrics.jsonl: the global k-NN top-1 on Fashion-MNIST test, Hummingbird
@@ -14,7 +15,9 @@ mIoU and linear patch mIoU on the validation mosaics (`eval.dense`), the prototy
 distillation term at the last log step, and the median training images/s over the log steps.
 
 Needs data/fashion-mnist-{train,test}.beton and data/fashion-mosaics-{train,val}.beton (scripts/setup.sh).
-The text under the notes marker of an existing --out file is kept when the table is regenerated.
+The text under the notes marker of an existing --out file is kept when the table is regenerated. `--merge`
+trains and collects only `--rows` and keeps every other row of the existing --out table (the baseline rows
+included) as it is, with the lines that say how those were made: new rows at the cost of new rows only.
 """
 from __future__ import annotations
 
@@ -37,9 +40,12 @@ ROWS = (  # (preset under configs/methods_table/, label)
     ("selfpatch", "DINO + SelfPatch"),
     ("regioncl", "DINO + RegionCL"),
     ("flsl", "FLSL"),
+    ("ibot", "DINO + iBOT"),
+    ("dinov2", "DINOv2 recipe (DINO + iBOT + KoLeo, SK)"),
     ("all", "all five"),
 )
-TERMS = ("dino", "adclr", "selfpatch", "regioncl", "flsl")
+TERMS = ("dino", "adclr", "selfpatch", "regioncl", "flsl", "ibot")
+BASELINE_LABELS = ("random-init backbone", "raw pixels", "patch-grid ceiling")
 NOTES_MARKER = "<!-- notes: everything below this line is kept when the table is regenerated -->"
 
 
@@ -156,6 +162,39 @@ def header(command: str, seeds: list[int]) -> str:
     ])
 
 
+def kept_rows(out: Path) -> tuple[dict[str, str], list[str]]:
+    """From an existing report: its table lines by label, and the lines that say how they were made (from
+    "Generated" through the command)."""
+    if not out.is_file():
+        raise SystemExit(f"methods_table: --merge keeps the other rows of {out}, which does not exist")
+    text = out.read_text().split(NOTES_MARKER, 1)[0]
+    lines = {line.split("|")[1].strip(): line for line in text.splitlines()
+             if line.startswith("| ") and not line.startswith("| method")}
+    made, generated = [], False
+    for line in text.splitlines():
+        generated = generated or line.startswith("Generated")
+        if generated:
+            made.append(line)
+            if line.startswith("    "):
+                break
+    return lines, made
+
+
+def merged_table(new_table: str, kept: dict[str, str]) -> tuple[str, list[str]]:
+    """The new rows' lines, in the script's row order, among the kept lines; returns (table, kept labels)."""
+    new_lines = new_table.splitlines()
+    fresh = {line.split("|")[1].strip(): line for line in new_lines[2:]}
+    order = [label for _, label in ROWS] + [label for label in kept if label not in dict(ROWS).values()]
+    lines, kept_labels = new_lines[:2], []
+    for label in order:
+        if label in fresh:
+            lines.append(fresh[label])
+        elif label in kept:
+            lines.append(kept[label])
+            kept_labels.append(label)
+    return "\n".join(lines), kept_labels
+
+
 def write_report(out: Path, table: str, head: str) -> None:
     """Header and table, then the notes kept from an existing `out` (below NOTES_MARKER)."""
     notes = ""
@@ -172,6 +211,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rows", nargs="+", choices=[preset for preset, _ in ROWS], default=[p for p, _ in ROWS],
                         help="rows to train and show (default: all)")
     parser.add_argument("--collect-only", action="store_true", help="only read finished runs and write the table")
+    parser.add_argument("--merge", action="store_true",
+                        help="train and show --rows only; keep every other row of the existing --out table as it is")
     return parser.parse_args(argv)
 
 
@@ -179,17 +220,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     runs_root = args.runs_root if args.runs_root.is_absolute() else ROOT / args.runs_root
     labels = dict(ROWS)
+    kept, made = kept_rows(args.out) if args.merge else ({}, [])
     if not args.collect_only:
         for seed in args.seeds:
             for preset in args.rows:
-                train(preset, seed, runs_root, baselines=preset == args.rows[0] and seed == args.seeds[0])
+                first = preset == args.rows[0] and seed == args.seeds[0]
+                train(preset, seed, runs_root, baselines=first and not args.merge)
     rows = {labels[p]: [row_figures(read_records(run_dir(runs_root, p, s))) for s in args.seeds] for p in args.rows}
-    rows.update({label: [figures] for label, figures in
-                 baseline_figures(run_dir(runs_root, args.rows[0], args.seeds[0])).items()})
+    if not args.merge:
+        rows.update({label: [figures] for label, figures in
+                     baseline_figures(run_dir(runs_root, args.rows[0], args.seeds[0])).items()})
     arguments = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--collect-only"]
     command = "python3 benchmarks/methods_table.py " + " ".join(arguments)  # the command that trains and writes all
-    write_report(args.out, markdown_table(rows), header(command, args.seeds))
-    print(markdown_table(rows))
+    table, head = markdown_table(rows), header(command, args.seeds)
+    if args.merge:
+        table, kept_labels = merged_table(table, kept)
+        head += "\n\n" + "\n".join([f"Rows kept from the previous table (not retrained): {', '.join(kept_labels)}. "
+                                      "They were made as follows:", "", *made])
+    write_report(args.out, table, head)
+    print(table)
     return 0
 
 

@@ -14,6 +14,12 @@ With queries, the image tokens equal the query-free run bit for bit on CPU in ev
 masked keys get probability exactly 0 and the row-wise matmuls do not depend on the sequence length
 there. On GPU the kernels differ (masked memory-efficient vs flash), so equality is to rounding only.
 Drop-path draws one keep/drop per sample, so image and query tokens of a sample share it.
+
+iBOT / DINOv2 masks (`masks` [N, h, w] bool, `mask_token` [1, D]): the patch embeddings of masked patches
+are replaced by the mask token right after `patch_embed`, before the position embedding is added, as
+DINOv2's `prepare_tokens_with_masks` (iBOT's `masked_embed` likewise). `torch.where` keeps the embeddings
+of unmasked patches as they are, so the tokens of a crop without a mask are bit-identical to a run without
+masks (tested on the CPU, where the row-wise kernels do not depend on the other rows' values).
 """
 from __future__ import annotations
 
@@ -89,11 +95,16 @@ def forward_tokens(
     queries: Tensor | None = None,
     queries_see_each_other: bool = True,
     final_norm: bool = True,
+    masks: Tensor | None = None,
+    mask_token: Tensor | None = None,
 ) -> BackboneTokens:
-    """images [N, 3, H, W]; queries [N, Q, 3, p, p] or None. Returns final-norm tokens (or pre-norm)."""
+    """images [N, 3, H, W]; queries [N, Q, 3, p, p] or None; masks [N, h, w] bool or None (masked patch
+    embeddings become mask_token [1, D]). Returns final-norm tokens (or pre-norm)."""
     patch_size = vit.patch_embed.patch_size[0]
     grid = (images.shape[-2] // patch_size, images.shape[-1] // patch_size)
     x = vit.patch_embed(images)  # [N, h, w, D] (dynamic_img_size keeps the grid)
+    if masks is not None:
+        x = torch.where(masks.unsqueeze(-1), mask_token.to(x.dtype), x)  # [N, h, w, D]
     x = vit._pos_embed(x)  # [N, 1 + P, D]
     x = vit.patch_drop(x)
     x = vit.norm_pre(x)

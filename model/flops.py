@@ -7,7 +7,9 @@ MLP), the heads, SelfPatch's aggregation, FLSL's mean shift and its teacher targ
 (`SSLModel.complete_teacher`: the cross-view mix of the teacher's tokens + the teacher head on the
 mixed tokens, counted as teacher). Attention is counted over the full token count T x T (the masked
 kernels compute it). Not counted: norms, softmaxes, elementwise ops, the SelfPatch similarity search
-(one [P, P] cosine matrix per teacher view, 2 P^2 D: 0.3% of a ViT-S/16 forward at 224 px): all below 1%.
+(one [P, P] cosine matrix per teacher view, 2 P^2 D: 0.3% of a ViT-S/16 forward at 224 px), KoLeo's [B, B]
+inner products (2 B D per image and global crop: 0.002% at B = 64), iBOT's mask-token swap and gather:
+all below 1%. iBOT's head runs on the fixed masked-patch buffer (`StepShape.masked_rows` per image).
 `tests/test_model_ssl.py` checks the total against `torch.utils.flop_counter.FlopCounterMode`.
 """
 from __future__ import annotations
@@ -30,11 +32,13 @@ class StepShape:
     num_locals: int = 8  # L
     num_queries: int = 0  # Q (used only when ADCLR is on)
     swap: bool = False  # RegionCL composites present
+    masked_rows: float = 0.0  # iBOT head rows per image (the masked-patch buffer / B), each role
 
     @classmethod
     def from_views(cls, views) -> "StepShape":
         return cls(tuple(views.global_crops.shape[-2:]), views.num_globals, tuple(views.local_crops.shape[-2:]),
-                   views.num_locals, views.num_queries, views.swap is not None)
+                   views.num_locals, views.num_queries, views.swap is not None,
+                   views.max_masked_patches / views.batch_size)
 
 
 def _step_shape(recipe) -> StepShape:
@@ -47,9 +51,19 @@ def _step_shape(recipe) -> StepShape:
     try:
         globals_spec, locals_spec = recipe.global_views, recipe.local_views
         return StepShape((globals_spec.size, globals_spec.size), globals_spec.count, (locals_spec.size, locals_spec.size),
-                         locals_spec.count, recipe.queries.count, bool(recipe.swap.enabled))
+                         locals_spec.count, recipe.queries.count, bool(recipe.swap.enabled), _masked_rows(recipe))
     except AttributeError as error:
         raise ValueError(f"count_step_flops: cannot read view sizes from {type(recipe).__name__} ({error}); pass a StepShape") from error
+
+
+def _masked_rows(recipe) -> float:
+    """The iBOT buffer per image of a large batch: G p P x the mean upper bin edge, (lo + hi) / 2 (the exact
+    bound, `pipeline.masks`, adds (hi - lo) / (2 n) per masked crop and floors each slot: < 1% at B = 64)."""
+    masks = getattr(recipe, "masks", None)
+    if masks is None or not masks.enabled:
+        return 0.0
+    patches = (recipe.global_views.size // recipe.patch_size) ** 2
+    return recipe.global_views.count * masks.sample_probability * patches * sum(masks.ratio_min_max) / 2
 
 
 def _vit_flops(dim: int, depth: int, mlp_hidden: int, patch: int, num_patches: int, num_queries: int) -> float:
@@ -93,7 +107,7 @@ def _role_flops(role, methods, shape, dim, depth, mlp_hidden, patch, grid_global
         num_globals = 1 if teacher else shape.num_globals - 1
     else:
         num_globals = shape.num_globals
-    num_locals = shape.num_locals if (not teacher or methods.selfpatch.enabled) else 0
+    num_locals = shape.num_locals if methods.reads_locals(teacher) else 0
     vit = lambda grid, q: _vit_flops(dim, depth, mlp_hidden, patch, grid, q)  # noqa: E731
     flops = num_globals * vit(grid_global, queries) + num_locals * vit(grid_local, 0)
     embed = 2 * 3 * patch * patch * dim * (num_globals * (grid_global + queries) + num_locals * grid_local)
@@ -115,6 +129,9 @@ def _role_flops(role, methods, shape, dim, depth, mlp_hidden, patch, grid_global
         embed += 2 * 3 * patch * patch * dim * grid_global
     if methods.flsl.enabled:
         flops += _flsl_flops(methods, shape, dim, patch, grid_global, grid_local, teacher)
+    if methods.ibot.enabled:  # the head on the masked-patch buffer, in both roles
+        ibot = methods.ibot
+        flops += shape.masked_rows * _head_flops(dim, methods, ibot.out_dim if ibot.separate_head else methods.head.out_dim)
     return flops, embed
 
 

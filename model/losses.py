@@ -1,4 +1,5 @@
-"""`build_losses`: the weighted sum of the enabled methods' losses, one module per method.
+"""`build_losses`: the weighted sum of the enabled methods' losses, one module per method (dino, adclr,
+selfpatch, regioncl, flsl, ibot, koleo).
 
 loss = sum over enabled methods m of methods_cfg.m.weight * part_m, where part_m is what the method
 module returns under its own name (FLSL's is already its internally weighted 0.03 L_ms + L_km + 5 VMR).
@@ -17,6 +18,8 @@ from model.config import MethodsConfig
 from model.methods.adclr import AdclrLoss
 from model.methods.dino import DinoLoss
 from model.methods.flsl import FlslLoss
+from model.methods.ibot import IbotLoss
+from model.methods.koleo import KoleoLoss
 from model.methods.regioncl import RegionClLoss
 from model.methods.selfpatch import SelfPatchLoss
 
@@ -26,6 +29,8 @@ METHODS = {
     "selfpatch": lambda cfg: SelfPatchLoss(cfg.selfpatch),
     "regioncl": lambda cfg: RegionClLoss(cfg.regioncl, cfg.head.out_dim),
     "flsl": lambda cfg: FlslLoss(cfg.flsl),
+    "ibot": lambda cfg: IbotLoss(cfg.ibot, cfg.ibot.out_dim if cfg.ibot.separate_head else cfg.head.out_dim),
+    "koleo": lambda cfg: KoleoLoss(cfg.koleo),
 }
 
 
@@ -54,7 +59,9 @@ class SSLLosses(nn.Module):
         return {"loss": total, **logged}
 
     def teacher_temperatures(self, epoch: float) -> dict[str, float]:
-        return {name: getattr(self.methods_cfg, name).teacher_temperature(epoch) for name in self.parts}
+        """tau_t of every enabled term that has a teacher (KoLeo has none)."""
+        configs = {name: getattr(self.methods_cfg, name) for name in self.parts}
+        return {name: cfg.teacher_temperature(epoch) for name, cfg in configs.items() if hasattr(cfg, "teacher_temperature")}
 
 
 def build_losses(methods_cfg: MethodsConfig, model_cfg: ModelConfig | None = None) -> SSLLosses:

@@ -12,8 +12,17 @@ carry no queries). Views per role:
 | SelfPatch | all globals + locals                      | all globals + locals            |
 | RegionCL  | + `views.swap.canvas`                     | all globals (cls targets)       |
 | FLSL      | globals 1.. + locals                      | global 0 only                   |
+| iBOT      | globals with `views.masks` (mask token)   | all globals, unmasked           |
+| KoLeo     | (the globals' image-level tokens)         | -                               |
 
-When only FLSL is on, the student skips global 0 and the teacher runs global 0 alone. The teacher copy
+The student encodes the local crops only when a term reads them (DINO, SelfPatch, FLSL), the teacher only
+for SelfPatch. When only FLSL is on, the student skips global 0 and the teacher runs global 0 alone. With iBOT on, the
+student encodes its global crops once, with a learned mask token (`mask_token`, [1, D], zero-initialised
+as DINOv2's and iBOT's) in place of the patch embeddings marked by `views.masks`, before the position
+embedding (`model.backbone.forward_tokens`); every student output of the global crops (DINO's cls logits,
+ADCLR's queries, KoLeo's tokens, ...) then comes from the masked crops, as in DINOv2; crops without a mask
+keep bit-identical tokens. The mask token lives here, not in the timm backbone, so an exported backbone is
+timm's own. The teacher copy
 should be in eval mode (`teacher.eval()`): DINO's teacher has no drop-path, and timm's DropPath follows
 `self.training`.
 
@@ -33,6 +42,10 @@ view, K = head dim, K_p = selfpatch.out_dim, K_f = flsl.out_dim, D = width):
   each patch (student) / of the aggregation of its top-k grid neighbours (teacher).
 - "region_logits" [2, B, K] (student): DINO head of the final-normed mean of the composite's patch
   tokens inside (0) and outside (1) the paste box.
+- "ibot_logits" [U, K_i] (both roles; U = `views.max_masked_patches`): the head (shared DINO head, or
+  `ibot_head` with `methods.ibot.separate_head`) of the final-norm patch tokens of the global crops at the
+  masked positions, gathered in `model.methods.ibot.masked_rows` order (padding rows repeat patch 0).
+- "koleo_tokens" [G, B, D] (student): the image-level token of each global crop (as "cls_logits" reads it).
 - FLSL student: "flsl_queries" [B, N, D] (one token per window, all student views concatenated),
   "flsl_shifted" [B, N, D] (their mean-shifted tokens), "flsl_logits" [B, N, K_f] (head of shifted);
   teacher forward: "flsl_teacher_tokens" [B, P, D] (final-norm patch tokens of global crop 0);
@@ -41,7 +54,8 @@ view, K = head dim, K_p = selfpatch.out_dim, K_f = flsl.out_dim, D = width):
 
 Evaluation features (`features(images, kind)`, `eval.features`): "cls" is the image-level token above
 (the one a loss trains), "patch_mean" the mean of the final-norm patch tokens, "cls+patch_mean" both;
-"auto" picks "patch_mean" for FLSL-only runs (no loss reaches their cls token) and "cls" otherwise.
+"auto" picks "patch_mean" when only FLSL and/or iBOT are on (no loss reaches their cls token) and "cls"
+otherwise.
 
 No host sync in a step: index tensors are built on the device from `arange` and cached per (grid,
 device) (SelfPatch neighbours, FLSL windows, the ADCLR attention mask); views are sliced, never
@@ -59,6 +73,7 @@ from model.config import MethodsConfig
 from model.heads import DinoHead, NeighbourAggregator
 from model.methods.common import masked_mean
 from model.methods.flsl import mean_shift, window_query_index
+from model.methods.ibot import masked_rows
 from model.methods.regioncl import paste_box_mask
 from model.methods.selfpatch import gather_neighbours, select_neighbours
 
@@ -66,12 +81,15 @@ from model.methods.selfpatch import gather_neighbours, select_neighbours
 FEATURE_KINDS = ("cls", "patch_mean", "cls+patch_mean")
 
 
+PATCH_ONLY_TERMS = {"flsl", "ibot"}  # terms whose losses reach the patch tokens only
+
+
 def feature_kind(kind: str, methods: MethodsConfig) -> str:
-    """`eval.features` resolved: "auto" is "patch_mean" when FLSL is the only method (its losses train the
-    patch tokens only; the cls token gets no loss, so k-NN on it measures a random readout), else "cls"
-    (the image-level token some enabled term trains: DINO's, or RegionCL's targets)."""
+    """`eval.features` resolved: "auto" is "patch_mean" when only FLSL and/or iBOT are on (their losses train
+    the patch tokens only; the cls token gets no loss, so k-NN on it measures a random readout), else "cls"
+    (the image-level token some enabled term trains: DINO's, RegionCL's targets, KoLeo's)."""
     if kind == "auto":
-        return "patch_mean" if methods.enabled() == ["flsl"] else "cls"
+        return "patch_mean" if set(methods.enabled()) <= PATCH_ONLY_TERMS else "cls"
     if kind not in FEATURE_KINDS:
         raise ValueError(f"eval.features: must be auto or one of {', '.join(FEATURE_KINDS)}, got {kind!r}")
     return kind
@@ -86,13 +104,18 @@ class SSLModel(nn.Module):
         self.backbone = build_backbone(model_cfg)
         dim = self.backbone.embed_dim
         methods = methods_cfg
-        self.head = DinoHead(dim, methods.head) if (methods.dino.enabled or methods.adclr.enabled or methods.regioncl.enabled) else None
+        shared_ibot = methods.ibot.enabled and not methods.ibot.separate_head
+        self.head = DinoHead(dim, methods.head) if (methods.dino.enabled or methods.adclr.enabled or methods.regioncl.enabled
+                                                     or shared_ibot) else None
         if methods.selfpatch.enabled:
             self.patch_head = DinoHead(dim, methods.head, out_dim=methods.selfpatch.out_dim)
             num_heads = self.backbone.blocks[0].attn.num_heads
             self.aggregator = NeighbourAggregator(dim, num_heads, methods.selfpatch.num_blocks)
         if methods.flsl.enabled:
             self.flsl_head = DinoHead(dim, methods.head, out_dim=methods.flsl.out_dim)
+        if methods.ibot.enabled:
+            self.mask_token = nn.Parameter(torch.zeros(1, dim))  # DINOv2 / iBOT: zeros
+            self.ibot_head = self.head if shared_ibot else DinoHead(dim, methods.head, out_dim=methods.ibot.out_dim)
 
     @property
     def patch_size(self) -> int:
@@ -119,18 +142,29 @@ class SSLModel(nn.Module):
         teacher = role == "teacher"
         methods = self.methods
         global_index = self._global_views(views.num_globals, teacher)
-        run_locals = views.num_locals > 0 and (not teacher or methods.selfpatch.enabled)
+        run_locals = views.num_locals > 0 and methods.reads_locals(teacher)
         queries = views.query_crops if methods.adclr.enabled and views.num_queries else None
         if methods.adclr.enabled and queries is None:
             raise ValueError("methods.adclr.enabled needs query crops: the recipe must set queries (Views.query_crops has Q = 0)")
+        if methods.ibot.enabled and views.masks is None:
+            raise ValueError("methods.ibot.enabled needs Views.masks: set recipe.masks.enabled=true (or start from "
+                             "`recipe: ibot` or `recipe: dinov2`)")
+        masks = views.masks if methods.ibot.enabled and not teacher else None  # the teacher sees unmasked crops
         global_crops = views.global_crops[global_index[0]:global_index[-1] + 1] if global_index else None  # a view, no copy
-        globals_out = self._encode(global_crops, queries) if global_index else None
+        globals_out = self._encode(global_crops, queries, masks) if global_index else None
         locals_out = self._encode(views.local_crops, None) if run_locals else None
 
         out: dict[str, Tensor] = {}
         needs_cls = methods.dino.enabled or (teacher and methods.regioncl.enabled)  # RegionCL's targets
+        global_image = None
+        if needs_cls or (methods.koleo.enabled and not teacher):
+            global_image = self._image_token(globals_out.cls, globals_out.patches)  # [G', B, D]
         if needs_cls:
-            out["cls_logits"] = self._cls_logits(globals_out, None if teacher else locals_out)
+            out["cls_logits"] = self._cls_logits(global_image, None if teacher else locals_out)
+        if methods.koleo.enabled and not teacher:
+            out["koleo_tokens"] = global_image
+        if methods.ibot.enabled:
+            out["ibot_logits"] = self._ibot_logits(globals_out.patches, views)
         if methods.adclr.enabled:
             out["query_logits"] = self.head(globals_out.queries)  # [G', B, Q, K]
         if methods.selfpatch.enabled:
@@ -162,15 +196,18 @@ class SSLModel(nn.Module):
             return [0] if teacher else list(range(1, num_globals))
         return list(range(num_globals))
 
-    def _encode(self, crops: Tensor, queries: Tensor | None) -> BackboneTokens:
-        """crops [V, B, 3, H, W] (+ queries [B, Q, 3, p, p] for every view) -> tokens with [V, B, ...] dims."""
+    def _encode(self, crops: Tensor, queries: Tensor | None, masks: Tensor | None = None) -> BackboneTokens:
+        """crops [V, B, 3, H, W] (+ queries [B, Q, 3, p, p] for every view, + masks [V, B, h, w] bool: those
+        patch embeddings become `mask_token`) -> tokens with [V, B, ...] dims."""
         num_views, batch = crops.shape[:2]
         if queries is not None:
             if tuple(queries.shape[-2:]) != (self.patch_size, self.patch_size):
                 raise ValueError(f"Views.query_crops must be one patch ({self.patch_size} px) each, got "
                                  f"{tuple(queries.shape[-2:])}: set the recipe's query size to the model's patch size")
             queries = queries.unsqueeze(0).expand(num_views, -1, -1, -1, -1, -1).flatten(0, 1)
-        tokens = forward_tokens(self.backbone, crops.flatten(0, 1), queries, self.methods.adclr.queries_see_each_other)
+        tokens = forward_tokens(self.backbone, crops.flatten(0, 1), queries, self.methods.adclr.queries_see_each_other,
+                                masks=None if masks is None else masks.flatten(0, 1),
+                                mask_token=None if masks is None else self.mask_token)
         unflat = lambda x: x.unflatten(0, (num_views, batch))  # noqa: E731
         return BackboneTokens(unflat(tokens.cls), unflat(tokens.patches), unflat(tokens.queries), tokens.grid)
 
@@ -181,9 +218,22 @@ class SSLModel(nn.Module):
             return self.aggregator(patches.flatten(0, -3)).reshape(cls.shape)
         return cls
 
-    def _cls_logits(self, globals_out: BackboneTokens | None, locals_out: BackboneTokens | None) -> Tensor:
-        image_tokens = [self._image_token(group.cls, group.patches) for group in (globals_out, locals_out) if group is not None]
+    def _cls_logits(self, global_image: Tensor, locals_out: BackboneTokens | None) -> Tensor:
+        """global_image [G', B, D] (`_image_token` of the global crops) + the locals' -> head logits [V, B, K]."""
+        image_tokens = [global_image] + ([] if locals_out is None else [self._image_token(locals_out.cls, locals_out.patches)])
         return self.head(torch.cat(image_tokens))  # [V, B, K]
+
+    def _ibot_logits(self, patches: Tensor, views) -> Tensor:
+        """The iBOT head of the global crops' final-norm patch tokens [G, B, P, D] at the masked positions,
+        gathered into the fixed buffer of `views.max_masked_patches` rows (no host sync) -> [U, K]."""
+        grid = tuple(side // self.patch_size for side in views.global_crops.shape[-2:])
+        if tuple(views.masks.shape[2:]) != grid or patches.shape[0] != views.masks.shape[0]:
+            raise ValueError(f"Views.masks {tuple(views.masks.shape)} does not match the global crops' patch grid "
+                             f"{tuple(patches.shape[:3])}: recipe.patch_size must be the model's")
+        index, _, _ = masked_rows(views.masks, views.max_masked_patches)  # [U] into the G * B * P patches
+        num_patches = patches.shape[2]
+        rows = patches.flatten(0, 1)[index // num_patches, index % num_patches]  # [U, D]
+        return self.ibot_head(rows)
 
     def _selfpatch_logits(self, globals_out, locals_out, teacher: bool) -> dict[str, Tensor]:
         out = {}

@@ -8,7 +8,11 @@ Per batch, top-down (`ViewsEngine.make_views`):
 4. per view kind ONE `grid_sample` for all its crops, then the batched photometric ops
    (`pipeline.photometric`), each on the subset of crops that drew it;
 5. normalization and the cast to the output dtype as one op writing the output; RegionCL composites as
-   one masked blend.
+   one masked blend;
+6. iBOT / DINOv2 block masks of the global crops on the patch grid (`pipeline.masks`: DINOv2's rule, every
+   crop and try at once, a fixed number of rounds), from uniforms drawn *first* from the generator in
+   their own draw, so the reference makes the same masks from the same batch seed; with the loader's CPU
+   generator they travel in the same pinned copy as the other draws.
 
 Randomness: everything comes from the `generator` passed to `make_views`; the engine draws a fixed number
 of uniforms per batch (given the recipe and batch size) on the generator's own device. Decision: the
@@ -50,6 +54,7 @@ import torch
 from torch import Tensor
 
 from pipeline.geometry import Geometry, draw_uniforms, geometry_draw_shapes, sample_geometry
+from pipeline.masks import block_masks, draw_mask_uniforms, max_masked_patches
 from pipeline.photometric import (
     DRAWS_PER_CROP,
     PhotometricPlan,
@@ -133,6 +138,7 @@ class ViewsEngine:
         query_crops = self._finish(query_crops, draws, plans, "query")
         del atlas  # each kind's float crops were freed once its output was written; the atlas goes last
         swap = self._swap(global_crops, geometry) if recipe.swap.enabled else None
+        masks, bound = self._masks(draws, batch.batch_size)
         return Views(
             global_crops=global_crops,  # [G, B, 3, Hg, Wg]
             local_crops=local_crops,
@@ -143,15 +149,35 @@ class ViewsEngine:
             index=batch.index.to(self.device, non_blocking=True).long(),
             label=batch.label.to(self.device, non_blocking=True).long(),
             swap=swap,
+            masks=masks,
+            max_masked_patches=bound,
         )
+
+    def _masks(self, draws: dict[str, Tensor], batch_size: int) -> tuple[Tensor | None, int]:
+        """iBOT / DINOv2 block masks of the global crops ([G, B, h, w] bool) and their host-known bound."""
+        spec, num_globals = self.recipe.masks, self.recipe.global_views.count
+        if not spec.enabled:
+            return None, 0
+        side = self.recipe.global_views.size // self.recipe.patch_size
+        masks = block_masks(spec, draws["mask"], num_globals, (side, side))
+        return masks, max_masked_patches(spec, num_globals * batch_size, side * side)
 
     def _draw(self, batch_size: int, generator: torch.Generator) -> tuple[dict[str, Tensor], dict | None]:
         """The batch's uniforms on the device and, when they are drawn on the CPU, each kind's
         `PhotometricPlan` made on the host, all moved to the device in ONE pinned, non-blocking copy."""
         shapes = self.draw_shapes(batch_size)
+        # the masks' uniforms come first, in their own draw: the reference draws them from the batch seed alone
+        masks = None
+        if self.recipe.masks.enabled:
+            masks = draw_mask_uniforms(self.recipe.masks, self.recipe.global_views.count * batch_size, generator)
         if generator.device.type != "cpu" or not self.photometric or self.compiled:  # the masked path
-            return draw_uniforms(shapes, generator, self.device), None
+            draws = draw_uniforms(shapes, generator, self.device)
+            if masks is not None:
+                draws["mask"] = _to_device([masks], self.device)[0] if masks.device.type == "cpu" else masks.to(self.device)
+            return draws, None
         host = draw_uniforms(shapes, generator, generator.device)
+        if masks is not None:
+            shapes, host = {**shapes, "mask": tuple(masks.shape)}, {**host, "mask": masks}
         plans = {kind: self._plan(host, kind, batch_size) for kind in ("global", "local", "query")}
         names = list(shapes)
         tensors = [host[name] for name in names] + [t for plan in plans.values() for t in _plan_tensors(plan)]

@@ -27,6 +27,13 @@ Decisions where the docs leave room (with reasons):
   [min_patches, max_patches] patches (6-10 of the 14x14 grid = the released 3-5 of 7 cells), partner
   "reverse" (image i with B-1-i, as released; the middle image of an odd batch pairs with itself) or
   "roll" (i with i+1 mod B, never itself for B > 1).
+- iBOT (bytedance/ibot, README's ViT-S/16 command): DINO's photometric recipe, 2 x 224 of scale (0.25, 1)
+  and 10 x 96 of scale (0.05, 0.25); block masks on half the global crops with ratios in (0.1, 0.5)
+  (released: `--pred_ratio 0 0.3 --pred_ratio_var 0 0.2`, each crop 0 or U(0.1, 0.5)) and iBOT's smallest
+  block, (14 // 3)^2 = 16 patches; the rule that spreads the ratios is DINOv2's (pipeline/masks.py).
+- DINOv2 (facebookresearch/dinov2, ssl_default_config.yaml `crops` and `ibot`): 2 x 224 of scale
+  (0.32, 1), 8 x 96 of scale (0.05, 0.32), DINO's photometric recipe (its `DataAugmentationDINO` is
+  DINO's), block masks with DINOv2's defaults (`MaskSpec`).
 """
 from __future__ import annotations
 
@@ -35,7 +42,7 @@ from dataclasses import dataclass, field
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-PRESET_NAMES = ("dino", "adclr", "selfpatch", "regioncl", "flsl")
+PRESET_NAMES = ("dino", "adclr", "selfpatch", "regioncl", "flsl", "ibot", "dinov2")
 
 
 @dataclass
@@ -100,6 +107,20 @@ class SwapSpec:
     view: int = 0  # which global crop the composites are made from
 
 
+@dataclass(frozen=True)
+class MaskSpec:
+    """iBOT / DINOv2 block masks of the global crops on the patch grid (`Views.masks`; rule: pipeline/masks.py).
+    Defaults: DINOv2's `ibot` config and `MaskingGenerator` (ssl_default_config.yaml, train/train.py)."""
+
+    enabled: bool = False  # make Views.masks (methods.ibot needs them)
+    sample_probability: float = 0.5  # fraction of a batch's global crops that get a mask (DINOv2 mask_sample_probability)
+    ratio_min_max: tuple[float, float] = (0.1, 0.5)  # mask ratios, spread evenly over the masked crops of a batch
+    min_block_patches: int = 4  # smallest block area drawn, in patches (DINOv2 min_num_patches 4; iBOT: (side // 3)^2)
+    max_block_fraction: float = 0.5  # largest block area, as a fraction of the crop's patches (DINOv2: 0.5 x 196)
+    aspect: tuple[float, float] = (0.3, 1 / 0.3)  # block aspect ratio (height / width) range, drawn log-uniform
+    rounds: int = 16  # block placement rounds per crop (DINOv2 loops until the target is met; see pipeline/masks.py)
+
+
 @dataclass
 class ViewRecipe:
     global_views: CropSpec = field(default_factory=lambda: CropSpec(count=2, size=224, scale=(0.25, 1.0)))
@@ -110,6 +131,7 @@ class ViewRecipe:
     local_augment: PhotometricSpec = field(default_factory=PhotometricSpec)  # DINO locals: blur p=0.5
     queries: QuerySpec = field(default_factory=QuerySpec)  # ADCLR query crops (count 0 = off)
     swap: SwapSpec = field(default_factory=SwapSpec)  # RegionCL composites
+    masks: MaskSpec = field(default_factory=MaskSpec)  # iBOT / DINOv2 block masks of the global crops (off by default)
     nested: bool = False  # FLSL: global crops 1.. and all locals are sampled inside global crop 0's box
     nested_global_scale: tuple[float, float] = (0.5, 1.0)  # FLSL: scale of global crops 1.. relative to crop 0
     patch_size: int = 16  # ViT patch size: query size and swap-box grid
@@ -127,6 +149,7 @@ class ViewRecipe:
         _check_augment("recipe.local_augment", self.local_augment, max(self.local_views.count, 1))
         _check_queries("recipe.queries", self.queries, self.patch_size)
         _check_swap("recipe.swap", self.swap, self.global_views, self.patch_size)
+        _check_masks("recipe.masks", self.masks, self.global_views, self.patch_size)
         if self.patch_size < 1:
             raise ValueError(f"recipe.patch_size: must be >= 1, got {self.patch_size}")
         if self.interpolation not in ("bicubic", "bilinear"):
@@ -140,13 +163,16 @@ class ViewRecipe:
         return self
 
     def scaled(self, global_size: int = 32, local_size: int = 16, patch_size: int = 8) -> "ViewRecipe":
-        """The same recipe at tiny sizes (tests): sizes, patch size, query size and swap range shrink."""
+        """The same recipe at tiny sizes (tests): sizes, patch size, query size, swap range and the smallest mask
+        block (by the patch grid's area) shrink."""
         grid = global_size // patch_size
         ratio = grid / (self.global_views.size // self.patch_size)
         min_patches = max(1, min(grid, round(self.swap.min_patches * ratio)))
         max_patches = max(min_patches, min(grid, round(self.swap.max_patches * ratio)))
+        min_block = max(1, round(self.masks.min_block_patches * ratio**2))
         return dataclasses.replace(
             self,
+            masks=dataclasses.replace(self.masks, min_block_patches=min_block),
             global_views=dataclasses.replace(self.global_views, size=global_size),
             local_views=dataclasses.replace(self.local_views, size=local_size),
             queries=dataclasses.replace(self.queries, size=patch_size),
@@ -179,6 +205,17 @@ def recipe_preset(name: str) -> ViewRecipe:
             local_augment=flsl_augment(),
             nested=True,
             nested_global_scale=(0.5, 1.0),
+        ),
+        "ibot": dataclasses.replace(
+            dino,
+            local_views=CropSpec(count=10, size=96, scale=(0.05, 0.25)),
+            masks=MaskSpec(enabled=True, sample_probability=0.5, ratio_min_max=(0.1, 0.5), min_block_patches=16),
+        ),
+        "dinov2": dataclasses.replace(
+            dino,
+            global_views=CropSpec(count=2, size=224, scale=(0.32, 1.0)),
+            local_views=CropSpec(count=8, size=96, scale=(0.05, 0.32)),
+            masks=MaskSpec(enabled=True),
         ),
     }
     if name not in presets:
@@ -246,3 +283,20 @@ def _check_swap(name: str, spec: SwapSpec, global_views: CropSpec, patch_size: i
         raise ValueError(f"{name}.partner: must be 'reverse' or 'roll', got {spec.partner!r}")
     if not 0 <= spec.view < global_views.count:
         raise ValueError(f"{name}.view: must index a global crop (0..{global_views.count - 1}), got {spec.view}")
+
+
+def _check_masks(name: str, spec: MaskSpec, global_views: CropSpec, patch_size: int) -> None:
+    if not spec.enabled:
+        return
+    if global_views.size % patch_size:
+        raise ValueError(f"{name}: global_views.size {global_views.size} must be a multiple of patch_size {patch_size}")
+    if not 0.0 < spec.sample_probability <= 1.0:
+        raise ValueError(f"{name}.sample_probability: must be in (0, 1], got {spec.sample_probability}")
+    _check_range(f"{name}.ratio_min_max", spec.ratio_min_max, low=0.0, high=1.0)
+    if spec.min_block_patches < 1:
+        raise ValueError(f"{name}.min_block_patches: must be >= 1, got {spec.min_block_patches}")
+    if not 0.0 < spec.max_block_fraction <= 1.0:
+        raise ValueError(f"{name}.max_block_fraction: must be in (0, 1], got {spec.max_block_fraction}")
+    _check_range(f"{name}.aspect", spec.aspect, low=0.0, high=float("inf"))
+    if spec.rounds < 1:
+        raise ValueError(f"{name}.rounds: must be >= 1, got {spec.rounds}")

@@ -1,9 +1,10 @@
 """`python -m pipeline.show`: one batch's views in one picture, to eyeball the augmentations.
 
-    python -m pipeline.show --data DIR_OR.beton --recipe adclr --out views.png [--batch-size 4] [--seed 0] [--swap]
+    python -m pipeline.show --data DIR_OR.beton --recipe adclr --out views.png [--batch-size 4] [--seed 0] [--swap] [--masks]
 
 Rows per image: the source with every box drawn (globals red, locals blue, queries yellow), then its
-global crops, local crops, query crops (enlarged), and the RegionCL composite with the paste box (green);
+global crops (with their iBOT / DINOv2 masked patches tinted magenta and outlined, when the recipe makes
+masks), local crops, query crops (enlarged), and the RegionCL composite with the paste box (green);
 a legend line at the top says so. Unreadable images in the folder (or .beton) are skipped and counted.
 Bad input (missing --data, a single file, --batch-size < 1) is a one-line error with exit code 2.
 Standalone on purpose: it decodes a few JPEGs with PIL into a `DecodedBatch` itself (the canvas layout of
@@ -28,9 +29,10 @@ from pipeline.views import DecodedBatch, Views
 logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 TILE = 112  # pixels per view in the picture
-BOX_COLOURS = {"global": (230, 40, 40), "local": (40, 110, 240), "query": (250, 210, 0), "paste": (30, 200, 60)}
+BOX_COLOURS = {"global": (230, 40, 40), "local": (40, 110, 240), "query": (250, 210, 0), "paste": (30, 200, 60),
+               "mask": (230, 0, 230)}
 LEGEND_ENTRIES = (("global", "red = global"), ("local", "blue = local"), ("query", "yellow = query"),
-                  ("paste", "green = paste box"))
+                  ("paste", "green = paste box"), ("mask", "magenta = masked patch"))
 LEGEND_HEIGHT = 40  # pixels above the rows for the legend
 LEGEND_WIDTH = 560  # the picture is at least this wide so the legend's text fits (PIL's default font)
 
@@ -123,12 +125,27 @@ def draw_sources(batch: DecodedBatch, views: Views) -> list[Image.Image]:
     return sources
 
 
-def draw_legend(picture: Image.Image, queries: bool, swap: bool) -> None:
+def draw_masks(tile: Image.Image, mask: torch.Tensor) -> Image.Image:
+    """A global crop's tile with its masked patches (mask [h, w] bool) tinted magenta and outlined."""
+    rows, columns = mask.shape
+    cell_h, cell_w = tile.height / rows, tile.width / columns
+    tint = Image.new("RGB", tile.size, BOX_COLOURS["mask"])
+    where = Image.new("L", tile.size, 0)
+    pen = ImageDraw.Draw(where)
+    outline = ImageDraw.Draw(tile)
+    for row, column in mask.nonzero().tolist():  # a picture, not the hot path
+        corners = [column * cell_w, row * cell_h, (column + 1) * cell_w - 1, (row + 1) * cell_h - 1]
+        pen.rectangle(corners, fill=110)  # ~43% magenta over the pixels
+        outline.rectangle(corners, outline=BOX_COLOURS["mask"], width=1)
+    return Image.composite(tint, tile, where)
+
+
+def draw_legend(picture: Image.Image, queries: bool, swap: bool, masks: bool = False) -> None:
     """Two lines at the top: what each box colour means (kinds this recipe makes), and the row/column layout."""
     pen = ImageDraw.Draw(picture)
     left = 4
     for kind, label in LEGEND_ENTRIES:
-        if (kind == "paste" and not swap) or (kind == "query" and not queries):
+        if (kind == "paste" and not swap) or (kind == "query" and not queries) or (kind == "mask" and not masks):
             continue
         pen.rectangle([left, 5, left + 10, 15], fill=BOX_COLOURS[kind])
         pen.text((left + 14, 4), label, fill=(0, 0, 0))
@@ -144,6 +161,8 @@ def render(batch: DecodedBatch, views: Views, mean: tuple, std: tuple) -> Image.
     rows = []
     for i, source in enumerate(sources):
         tiles = [to_pixels(crop, mean, std) for crop in views.global_crops[:, i]]
+        if views.masks is not None:
+            tiles = [draw_masks(tile, views.masks[g, i].cpu()) for g, tile in enumerate(tiles)]
         tiles += [to_pixels(crop, mean, std) for crop in views.local_crops[:, i]]
         tiles += [to_pixels(crop, mean, std) for crop in views.query_crops[i]]
         if views.swap is not None:
@@ -158,7 +177,7 @@ def render(batch: DecodedBatch, views: Views, mean: tuple, std: tuple) -> Image.
     width = max(source.width for source in sources) + gap + max(len(tiles) for _, tiles in rows) * (TILE + gap)
     width = max(width, LEGEND_WIDTH)
     picture = Image.new("RGB", (width, LEGEND_HEIGHT + len(rows) * (row_height + gap)), (255, 255, 255))
-    draw_legend(picture, queries=views.query_boxes.shape[1] > 0, swap=views.swap is not None)
+    draw_legend(picture, queries=views.query_boxes.shape[1] > 0, swap=views.swap is not None, masks=views.masks is not None)
     for r, (source, tiles) in enumerate(rows):
         top = LEGEND_HEIGHT + r * (row_height + gap)
         picture.paste(source, (0, top))
@@ -184,6 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=4, help="images to show, >= 1 (default: 4)")
     parser.add_argument("--seed", type=int, default=0, help="generator seed (default: 0)")
     parser.add_argument("--swap", action="store_true", help="also make RegionCL composites (on in regioncl)")
+    parser.add_argument("--masks", action="store_true",
+                        help="also make iBOT / DINOv2 block masks of the global crops (on in ibot and dinov2)")
     parser.add_argument("--canvas-size", type=positive_int, default=512,
                         help="decode canvas side in pixels (default: 512)")
     args = parser.parse_args(argv)
@@ -191,6 +212,8 @@ def main(argv: list[str] | None = None) -> None:
     recipe = recipe_preset(args.recipe)
     if args.swap:
         recipe = dataclasses.replace(recipe, swap=dataclasses.replace(recipe.swap, enabled=True))
+    if args.masks:
+        recipe = dataclasses.replace(recipe, masks=dataclasses.replace(recipe.masks, enabled=True))
     try:
         images, skipped = load_images(args.data, args.batch_size)
     except ValueError as error:  # ShowDataError, or the .beton reader's BetonError (a ValueError)

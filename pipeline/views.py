@@ -8,6 +8,12 @@ Q = query crops per image, p = patch size. Boxes are (x0, y0, x1, y1):
   and height), so cropping the decoded image at a box and resizing reproduces the view;
 - `RegionSwap.paste_box` is in *view pixels* of the global crop it was pasted into, on the patch grid.
 
+`masks` (iBOT / DINOv2) marks, per global crop, the patches the student sees as a learned mask token:
+[G, B, h, w] bool on the patch grid of the global crops (h = Hg / p, w = Wg / p), row-major like the
+tokens. `max_masked_patches` is a host int that bounds `masks.sum()` (known before the masks are made,
+`pipeline.masks`): the loss gathers the masked patches into a buffer of that many rows without reading a
+count back from the device.
+
 `DecodedBatch` is the stage-1 output (what a decode backend hands the views engine).
 
 Nothing here knows how views are made; `validate()` checks the contract and is what tests call.
@@ -71,6 +77,8 @@ class Views:
     index: Tensor  # [B] int64, sample ids in the dataset
     label: Tensor  # [B] int64, class ids; -1 where the dataset has none
     swap: RegionSwap | None = None  # RegionCL composites, or None when the recipe has no swap
+    masks: Tensor | None = None  # [G, B, h, w] bool, True = patch masked for the student (iBOT); None = no masks
+    max_masked_patches: int = 0  # host-known upper bound on masks.sum() (0 without masks)
 
     @property
     def batch_size(self) -> int:
@@ -96,13 +104,14 @@ class Views:
         moved = {}
         for field in fields(self):
             value = getattr(self, field.name)
-            if value is not None:
+            if value is not None and not isinstance(value, int):
                 value = value.to(device, non_blocking=non_blocking)
             moved[field.name] = value
         return Views(**moved)
 
     def validate(self) -> "Views":
-        """Check shapes, dtypes and devices against each other; raise ValueError naming the field."""
+        """Check shapes, dtypes and devices against each other; raise ValueError naming the field.
+        (For tests and tools: the mask bound check reads the mask count back to the host.)"""
         if self.global_crops.dim() != 5 or self.global_crops.shape[2] != 3:
             raise ValueError(f"Views.global_crops must be [G, B, 3, H, W], got {tuple(self.global_crops.shape)}")
         num_globals, batch = self.global_crops.shape[:2]
@@ -138,10 +147,27 @@ class Views:
                 raise ValueError(f"Views.{name} dtype {value.dtype} differs from global_crops {image_dtype}")
         if self.swap is not None:
             self._validate_swap(batch)
-        devices = {getattr(self, f.name).device for f in fields(self) if f.name != "swap"}
+        self._validate_masks(num_globals, batch)
+        devices = {getattr(self, f.name).device for f in fields(self)
+                   if isinstance(getattr(self, f.name), Tensor)}
         if len(devices) != 1:
             raise ValueError(f"Views tensors are on several devices: {sorted(map(str, devices))}")
         return self
+
+    def _validate_masks(self, num_globals: int, batch: int) -> None:
+        masks, height, width = self.masks, *self.global_crops.shape[-2:]
+        if masks is None:
+            if self.max_masked_patches != 0:
+                raise ValueError(f"Views.max_masked_patches must be 0 without masks, got {self.max_masked_patches}")
+            return
+        if masks.dtype != torch.bool or masks.dim() != 4 or tuple(masks.shape[:2]) != (num_globals, batch):
+            raise ValueError(f"Views.masks must be bool [{num_globals}, {batch}, h, w], got {masks.dtype} {tuple(masks.shape)}")
+        rows, columns = masks.shape[2:]
+        if not rows or height % rows or width % columns or height // rows != width // columns:
+            raise ValueError(f"Views.masks grid {rows} x {columns} is not the square-patch grid of {height} x {width} crops")
+        if int(masks.sum()) > self.max_masked_patches:
+            raise ValueError(f"Views.masks has {int(masks.sum())} masked patches, above max_masked_patches "
+                             f"{self.max_masked_patches}")
 
     def _validate_swap(self, batch: int) -> None:
         swap = self.swap

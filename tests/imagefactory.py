@@ -89,7 +89,7 @@ def photo_like_image(index: int, height: int, width: int, seed: int = 0) -> np.n
 
 def assert_identical_views(first, second) -> None:
     """Every field of two `pipeline.views.Views`, bit for bit: global/local/query crops and boxes, index,
-    label, and the RegionCL swap (composites, paste boxes, partners, view)."""
+    label, the RegionCL swap (composites, paste boxes, partners, view) and the iBOT masks with their bound."""
     import dataclasses
 
     import torch
@@ -102,5 +102,7 @@ def assert_identical_views(first, second) -> None:
                 for part in ("canvas", "paste_box", "partner"):
                     assert torch.equal(getattr(a, part), getattr(b, part)), f"swap.{part}"
                 assert a.view == b.view, "swap.view"
+        elif a is None or b is None or isinstance(a, int):  # masks None without iBOT; max_masked_patches
+            assert a == b if isinstance(a, int) else (a is None and b is None), field.name
         else:
             assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), field.name

@@ -21,6 +21,10 @@ def test_prototype_counts_follow_each_terms_head():
     assert prototype_counts(methods) == {"dino": 1000, "adclr": 1000, "selfpatch": 300, "regioncl": 1000, "flsl": 200}
     methods.adclr.enabled = False
     assert "adclr" not in CollapseMonitor.from_methods(methods).num_prototypes
+    methods.ibot.enabled = methods.koleo.enabled = True  # iBOT on the shared head; KoLeo has no targets
+    assert prototype_counts(methods)["ibot"] == 1000 and "koleo" not in prototype_counts(methods)
+    methods.ibot.separate_head, methods.ibot.out_dim = True, 500
+    assert prototype_counts(methods)["ibot"] == 500
 
 
 def test_one_prototype_warns_at_once_and_once_per_episode(caplog):

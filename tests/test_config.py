@@ -169,6 +169,8 @@ SHIPPED = {  # preset: (arch, enabled methods, ZeRO stage, queries per image, sw
     "selfpatch_vit_s16.yaml": ("vit_small_patch16_224", ["dino", "selfpatch"], 2, 0, False, False, 224, 200),
     "regioncl_vit_s16.yaml": ("vit_small_patch16_224", ["dino", "regioncl"], 2, 0, True, False, 224, 100),
     "flsl_vit_s16.yaml": ("vit_small_patch16_224", ["flsl"], 2, 0, False, True, 224, 300),
+    "ibot_vit_s16.yaml": ("vit_small_patch16_224", ["dino", "ibot"], 2, 0, False, False, 224, 100),
+    "dinov2_vit_s16.yaml": ("vit_small_patch16_224", ["dino", "ibot", "koleo"], 2, 0, False, False, 224, 100),
     "demo_fashion_mnist.yaml": ("vit_tiny_patch16_224", ["dino", "adclr"], 0, 4, False, False, 32, 2),
     "cpu_smoke.yaml": ("vit_tiny_patch16_224", ["dino"], 2, 0, False, False, 32, 100),  # an overlay, alone
     "zero3.yaml": ("vit_small_patch16_224", ["dino"], 3, 0, False, False, 224, 100),  # an overlay, alone
@@ -191,6 +193,23 @@ def test_every_shipped_preset_loads_what_it_says(preset, tmp_path):
     if not preset.startswith(("cpu_smoke", "zero3")):
         assert config.run_dir == f"runs/{preset.removesuffix('.yaml')}"
     assert load_config(save_config(config, tmp_path)) == config  # the saved config reloads to the same run
+
+
+def test_ibot_and_dinov2_presets_carry_the_released_values():
+    """iBOT: shared 8,192-prototype head, learnable weight norm, tau_t 0.07 for both terms, masks with 16-patch
+    blocks. DINOv2: SK centring for DINO and iBOT, 0.1 KoLeo, 65,536 prototypes, momentum 0.992, peak lr
+    0.004 at a global batch of 1,024, its crops and masks."""
+    ibot = load_config(CONFIGS / "ibot_vit_s16.yaml", ["data.path=/x.beton"])
+    assert (ibot.methods.head.out_dim, ibot.methods.head.norm_last_layer, ibot.methods.ibot.separate_head) == (8192, False, False)
+    assert ibot.methods.dino.teacher_temp == ibot.methods.ibot.teacher_temp == 0.07 and ibot.methods.ibot.weight == 1.0
+    assert ibot.recipe.masks.enabled and ibot.recipe.masks.min_block_patches == 16 and ibot.recipe.local_views.count == 10
+    dinov2 = load_config(CONFIGS / "dinov2_vit_s16.yaml", ["data.path=/x.beton"])
+    methods = dinov2.methods
+    assert methods.dino.centering == methods.ibot.centering == "sinkhorn_knopp" and methods.koleo.weight == 0.1
+    assert (methods.head.out_dim, methods.head.norm_last_layer, dinov2.schedule.teacher_momentum) == (65536, False, 0.992)
+    assert dinov2.optim.lr * 1024 / 256 == pytest.approx(0.004) and dinov2.data.batch_size == 64
+    assert dinov2.recipe.global_views.scale == (0.32, 1.0) and dinov2.recipe.local_views.count == 8
+    assert dinov2.recipe.masks.enabled and dinov2.recipe.masks.min_block_patches == 4
 
 
 @pytest.mark.parametrize("overrides, message", [

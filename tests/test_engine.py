@@ -200,12 +200,17 @@ def test_cuda_views_match_the_cpu_twin():
 
 
 @pytest.mark.gpu
-def test_make_views_never_syncs_the_host_on_cuda():
-    """The hot path has no .item(), no pageable host->device copies, no data-dependent shapes."""
+@pytest.mark.parametrize("masks", [False, True], ids=["no-masks", "ibot-masks"])
+def test_make_views_never_syncs_the_host_on_cuda(masks):
+    """The hot path has no .item(), no pageable host->device copies, no data-dependent shapes; iBOT's block
+    masks (pipeline/masks.py) included."""
     batch, _ = make_batch()
     batch = dataclasses.replace(batch, **{name: getattr(batch, name).cuda() for name in ("canvas", "extent", "index", "label")})
-    engine = ViewsEngine(tiny_recipe(), "cuda")
-    engine.make_views(batch, torch.Generator().manual_seed(0))  # warm-up: allocator, kernels
+    recipe = tiny_recipe()
+    if masks:
+        recipe = dataclasses.replace(recipe, masks=dataclasses.replace(recipe.masks, enabled=True, min_block_patches=1))
+    engine = ViewsEngine(recipe, "cuda")
+    engine.make_views(batch, torch.Generator().manual_seed(0))  # warm-up: allocator, kernels, cached mask bins
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

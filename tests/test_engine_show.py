@@ -34,7 +34,7 @@ def test_show_writes_a_picture_with_one_row_per_image(tmp_path, capsys):
 def test_show_draws_a_legend_with_every_box_colour(tmp_path):
     make_image_folder(tmp_path / "images", num_classes=1, per_class=2)
     out = tmp_path / "views.png"
-    main(["--data", str(tmp_path / "images"), "--recipe", "adclr", "--swap", "--out", str(out), "--canvas-size", "64"])
+    main(["--data", str(tmp_path / "images"), "--recipe", "adclr", "--swap", "--masks", "--out", str(out), "--canvas-size", "64"])
     legend = np.asarray(Image.open(out).convert("RGB"))[:LEGEND_HEIGHT]
     for colour in BOX_COLOURS.values():  # each colour's swatch (a filled 11x11 square) is in the legend band
         mask = (legend == np.array(colour, dtype=np.uint8)).all(axis=-1)
@@ -93,3 +93,32 @@ def test_bad_input_is_a_one_line_error_with_exit_code_2(tmp_path, capsys, case, 
     error = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in error and "Traceback" not in error
     assert error.strip().splitlines()[-1].startswith("python -m pipeline.show: error:")
+
+
+def test_show_tints_the_masked_patches_of_the_global_crops():
+    """Grey images, iBOT masks on: inside each global tile, the cells of masked patches are magenta (red and
+    blue above green), the others stay grey; the legend names the masks."""
+    import dataclasses
+
+    import torch
+
+    from pipeline.engine import ViewsEngine
+    from pipeline.recipe import MaskSpec, recipe_preset
+    from pipeline.show import TILE, images_to_batch, render
+
+    recipe = recipe_preset("dino").scaled(global_size=32, local_size=16, patch_size=8)
+    recipe = dataclasses.replace(recipe, masks=MaskSpec(enabled=True, sample_probability=1.0, min_block_patches=1))
+    batch = images_to_batch([np.full((48, 48, 3), 128, np.uint8)] * 2, 64)
+    views = ViewsEngine(recipe, "cpu", torch.float32, photometric=False).make_views(batch, torch.Generator().manual_seed(0))
+    picture = np.asarray(render(batch, views, recipe.mean, recipe.std)).astype(int)
+    cell, gap, source_width = TILE // 4, 4, 2 * TILE
+    assert views.masks.any() and not views.masks.all()
+    for image in range(2):
+        top = LEGEND_HEIGHT + image * (2 * TILE + gap)
+        for view in range(2):
+            left = source_width + gap + view * (TILE + gap)
+            for row in range(4):
+                for column in range(4):
+                    r, g, b = picture[top + row * cell + cell // 2, left + column * cell + cell // 2]
+                    magenta = r - g > 40 and b - g > 40
+                    assert magenta == bool(views.masks[view, image, row, column]), (image, view, row, column)

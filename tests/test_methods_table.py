@@ -23,6 +23,8 @@ EXPECTED = {  # row preset: (enabled methods, queries, swap, nested crops, k-NN 
     "selfpatch": (["dino", "selfpatch"], 0, False, False, "cls"),
     "regioncl": (["dino", "regioncl"], 0, True, False, "cls"),
     "flsl": (["flsl"], 0, False, True, "patch_mean"),
+    "ibot": (["dino", "ibot"], 0, False, False, "cls"),
+    "dinov2": (["dino", "ibot", "koleo"], 0, False, False, "cls"),
     "all": (["dino", "adclr", "selfpatch", "regioncl", "flsl"], 4, True, True, "cls"),
 }
 
@@ -49,7 +51,7 @@ def test_every_row_has_its_methods_and_the_same_budget(preset, tmp_path):
     assert (config.seed, config.optim.lr, config.recipe.global_views.size) == (dino.seed, dino.optim.lr, 32)
     assert config.data.max_samples * config.schedule.epochs == 30_000
     assert config.eval.dense.train_path and config.eval.dense.val_path and not config.eval.compare_baselines
-    for term in methods:
+    for term in (term for term in methods if term != "koleo"):  # KoLeo has no teacher temperature
         settings = getattr(config.methods, term)
         assert settings.warmup_teacher_temp_epochs <= config.schedule.epochs or settings.warmup_teacher_temp == settings.teacher_temp
     assert load_config(save_config(config, tmp_path)) == config
@@ -123,3 +125,40 @@ def test_regenerating_keeps_the_notes(tmp_path):
 def test_collect_only_without_runs_is_one_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="metrics.jsonl does not exist; train the row first"):
         methods_table.main(["--out", str(tmp_path / "t.md"), "--runs-root", str(tmp_path), "--collect-only"])
+
+
+def test_ibot_rows_mask_the_table_grid_and_differ_only_by_koleo_and_centring():
+    ibot, dinov2 = load_config(PRESETS / "ibot.yaml"), load_config(PRESETS / "dinov2.yaml")
+    assert ibot.recipe.masks.enabled and ibot.recipe.masks.min_block_patches == 1 and ibot.recipe == dinov2.recipe
+    assert ibot.methods.dino.centering == ibot.methods.ibot.centering == "center"
+    assert dinov2.methods.dino.centering == dinov2.methods.ibot.centering == "sinkhorn_knopp"
+    assert dinov2.methods.koleo.weight == 0.1 and dinov2.methods.ibot == ibot.methods.ibot.__class__(
+        **{**ibot.methods.ibot.__dict__, "centering": "sinkhorn_knopp"})
+
+
+def test_merge_trains_only_the_given_rows_and_keeps_the_others(tmp_path, monkeypatch):
+    """`--rows ibot --merge`: the ibot row comes from its run, every other row (baselines included) and the
+    lines saying how they were made stay as they were, in the script's row order; the notes are kept."""
+    out = tmp_path / "table.md"
+    old = methods_table.markdown_table({"DINO": [methods_table.row_figures(records())],
+                                        "all five": [methods_table.row_figures(records())],
+                                        "raw pixels": [{"knn_top1": 80.0, "hummingbird_miou": 16.0, "linear_miou": 10.0,
+                                                        "prototypes_in_use": {}, "images_per_second": None}]})
+    methods_table.write_report(out, old, "# title\n\nGenerated long ago by:\n\n    python3 old command\n\nPresets: ...")
+    out.write_text(out.read_text() + "Finding.\n")
+    run = tmp_path / "runs" / "ibot-seed0"
+    run.mkdir(parents=True)
+    ibot_records = [dict(r, **{"ibot/prototypes_in_use": 33.0}) if r["kind"] == "train" else r for r in records()]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in ibot_records))
+    trained = []
+    monkeypatch.setattr(methods_table, "train", lambda preset, seed, root, baselines: trained.append((preset, seed, baselines)))
+    methods_table.main(["--out", str(out), "--runs-root", str(tmp_path / "runs"), "--rows", "ibot", "--merge"])
+    text = out.read_text()
+    table = [line for line in text.split(methods_table.NOTES_MARKER)[0].splitlines() if line.startswith("| ")]
+    assert trained == [("ibot", 0, False)]
+    assert [line.split("|")[1].strip() for line in table[1:]] == ["DINO", "DINO + iBOT", "all five", "raw pixels"]
+    assert table[2] == "| DINO + iBOT | 70.50 | 21.50 | 30.25 | dino 100, adclr 50, ibot 33 | 100 |"
+    assert table[1] == old.splitlines()[2] and table[3:] == old.splitlines()[3:]
+    assert "Rows kept from the previous table (not retrained): DINO, all five, raw pixels." in text
+    assert "Generated long ago by:\n\n    python3 old command" in text and text.endswith("Finding.\n")
+    assert "--rows ibot --merge" in text

@@ -12,19 +12,25 @@ from torch.utils.flop_counter import FlopCounterMode
 from model import HeadConfig, LossState, MethodsConfig, ModelConfig, SSLModel, StepShape, build_losses, count_step_flops
 from model.backbone import forward_tokens
 from model.ssl_model import feature_kind
+from pipeline.masks import block_masks, draw_mask_uniforms, max_masked_patches
+from pipeline.recipe import MaskSpec
 from pipeline.views import RegionSwap, Views
 
 torch.set_num_threads(1)
 BATCH, GLOBALS, LOCALS, QUERIES, PATCH = 4, 2, 2, 3, 8
 TINY = ModelConfig(arch="vit_tiny_patch16_224", embed_dim=64, depth=2, num_heads=2, patch_size=PATCH, img_size=32,
                    drop_path_rate=0.0)
-COMBINATIONS = [["dino"], ["dino", "adclr"], ["dino", "selfpatch"], ["dino", "regioncl"], ["flsl"],
-                ["dino", "adclr", "selfpatch", "regioncl", "flsl"]]
+EVERY_TERM = ["dino", "adclr", "selfpatch", "regioncl", "flsl", "ibot", "koleo"]
+COMBINATIONS = [["dino"], ["dino", "adclr"], ["dino", "selfpatch"], ["dino", "regioncl"], ["flsl"], ["dino", "ibot"],
+                ["ibot"], ["dino", "ibot", "koleo"], ["dino", "adclr", "selfpatch", "regioncl", "flsl"], EVERY_TERM]
+DISTILLATION = ("dino", "adclr", "selfpatch", "regioncl", "flsl", "ibot")
+MASKS = MaskSpec(enabled=True, min_block_patches=1)  # DINOv2's rule on the 4 x 4 grid of a 32 px crop
 
 
 def make_views(seed=0, batch=BATCH, global_size=32, local_size=16):
     generator = torch.Generator().manual_seed(seed)
     randn = lambda *shape: torch.randn(*shape, generator=generator)  # noqa: E731
+    grid = global_size // PATCH
     swap = RegionSwap(canvas=randn(batch, 3, global_size, global_size),
                       paste_box=torch.tensor([[8, 8, 24, 24]] * batch), partner=torch.arange(batch).flip(0), view=0)
     return Views(
@@ -35,16 +41,18 @@ def make_views(seed=0, batch=BATCH, global_size=32, local_size=16):
         local_boxes=torch.rand(LOCALS, batch, 4, generator=generator),
         query_boxes=torch.rand(batch, QUERIES, 4, generator=generator),
         index=torch.arange(batch), label=torch.zeros(batch, dtype=torch.int64), swap=swap,
+        masks=block_masks(MASKS, draw_mask_uniforms(MASKS, GLOBALS * batch, generator), GLOBALS, (grid, grid)),
+        max_masked_patches=max_masked_patches(MASKS, GLOBALS * batch, grid * grid),
     ).validate()
 
 
 def methods_config(names, fixed_targets=False, **weights):
     cfg = MethodsConfig(head=HeadConfig(out_dim=32, hidden_dim=64, bottleneck_dim=16))
-    for name in ("dino", "adclr", "selfpatch", "regioncl", "flsl"):
+    for name in DISTILLATION:
         if fixed_targets:  # centres stay at 0 and tau_t is constant: the teacher's targets never move
             getattr(cfg, name).center_momentum = 1.0
             getattr(cfg, name).warmup_teacher_temp_epochs = 0.0
-    for name in ("dino", "adclr", "selfpatch", "regioncl", "flsl"):
+    for name in EVERY_TERM:
         getattr(cfg, name).enabled = name in names
     cfg.selfpatch.out_dim, cfg.flsl.out_dim = 24, 20
     for name, weight in weights.items():
@@ -78,7 +86,7 @@ def test_forward_backward_every_method_and_combination(names):
 
 
 def test_output_shapes_follow_the_documented_keys():
-    student, teacher, _ = build(["dino", "adclr", "selfpatch", "regioncl", "flsl"])
+    student, teacher, _ = build(EVERY_TERM)
     views = make_views()
     with torch.no_grad():
         s, t = student(views, "student"), teacher(views, "teacher")
@@ -93,6 +101,86 @@ def test_output_shapes_follow_the_documented_keys():
     assert s["flsl_logits"].shape == (BATCH, 1 + LOCALS, 20)
     assert t["flsl_teacher_tokens"].shape == (BATCH, pg, 64) and t["flsl_teacher_target_logits"].shape == (BATCH, 1 + LOCALS, 20)
     assert "flsl_teacher_logits" not in t  # the teacher head runs on the mixed tokens only
+    assert s["ibot_logits"].shape == t["ibot_logits"].shape == (views.max_masked_patches, 32)  # the shared head
+    assert s["koleo_tokens"].shape == (GLOBALS, BATCH, 64) and "koleo_tokens" not in t
+
+
+def test_ibot_student_sees_the_mask_token_the_teacher_the_unmasked_crops():
+    """Student: masked patch embeddings are the (zero-initialised, trained) mask token, before the position
+    embedding; crops without a mask keep tokens bit-identical to an unmasked run, ADCLR's queries included.
+    Teacher: the unmasked crops. The iBOT logits are the head of the final-norm patch tokens at the masked
+    positions, in (crop, patch) order, padded with patch 0."""
+    student, teacher, _ = build(["dino", "adclr", "ibot"])
+    views = make_views()
+    masks = views.masks.flatten(0, 1)  # [G * B, 4, 4]
+    assert masks.any() and not masks.flatten(1).any(1).all()  # some crops masked, some not
+    assert torch.equal(student.mask_token, torch.zeros(1, 64))
+    with torch.no_grad():
+        student.mask_token.normal_()  # a token unlike any patch embedding
+        teacher.mask_token.copy_(student.mask_token)
+        images, queries = views.global_crops.flatten(0, 1), views.query_crops.repeat(GLOBALS, 1, 1, 1, 1)
+        plain = forward_tokens(student.backbone, images, queries)
+        masked = forward_tokens(student.backbone, images, queries, masks=masks, mask_token=student.mask_token)
+        unmasked = ~masks.flatten(1).any(1)
+        for name in ("cls", "patches", "queries"):
+            assert torch.equal(getattr(masked, name)[unmasked], getattr(plain, name)[unmasked]), name
+            assert not torch.allclose(getattr(masked, name)[~unmasked], getattr(plain, name)[~unmasked]), name
+        by_hand = student.backbone.patch_embed(images).clone()  # [N, h, w, D]
+        by_hand[masks] = student.mask_token[0]
+        by_hand = student.backbone.norm(student.backbone.blocks(student.backbone._pos_embed(by_hand)))
+        torch.testing.assert_close(masked.patches, by_hand[:, 1:], rtol=0, atol=1e-5)
+        s, t = student(views, "student"), teacher(views, "teacher")
+        flat_masks = views.masks.flatten()
+        rows = flat_masks.nonzero()[:, 0].tolist()
+        padding = views.max_masked_patches - len(rows)
+        expected_student = student.head(masked.patches.reshape(-1, 64)[rows + [0] * padding])
+        expected_teacher = teacher.head(plain.patches.reshape(-1, 64)[rows + [0] * padding])  # teacher: unmasked
+        torch.testing.assert_close(s["ibot_logits"], expected_student, rtol=0, atol=1e-5)
+        torch.testing.assert_close(t["ibot_logits"], expected_teacher, rtol=0, atol=1e-5)
+        torch.testing.assert_close(s["cls_logits"][:GLOBALS], student.head(masked.cls).unflatten(0, (GLOBALS, BATCH)),
+                                   rtol=0, atol=1e-5)  # DINO's student term reads the masked crops, as DINOv2's
+
+
+def test_gradients_reach_the_mask_token_only_through_masked_patches():
+    student, teacher, losses = build(["dino", "ibot"], dino=0.0)  # the iBOT term alone carries a gradient
+    views = make_views()
+    out = losses(student(views, "student"), teacher(views, "teacher"), views, LossState(epoch=0.5, step=5))
+    out["loss"].backward()
+    assert float(student.mask_token.grad.abs().sum()) > 0
+    student.zero_grad()
+    no_masks = Views(**{**views.__dict__, "masks": torch.zeros_like(views.masks)})
+    out = losses(student(no_masks, "student"), teacher(no_masks, "teacher"), no_masks, LossState(epoch=0.5, step=5))
+    out["loss"].backward()
+    assert student.mask_token.grad is None or float(student.mask_token.grad.abs().sum()) == 0
+    assert out["ibot"].item() == 0.0  # no masked patch: every crop counts 0
+
+
+def test_ibot_separate_head_and_its_errors():
+    cfg = methods_config(["dino", "ibot"])
+    cfg.ibot.separate_head, cfg.ibot.out_dim = True, 40
+    student = SSLModel(TINY, cfg)
+    views = make_views()
+    with torch.no_grad():
+        assert student(views, "student")["ibot_logits"].shape == (views.max_masked_patches, 40)
+    assert student.ibot_head is not student.head and student.ibot_head.last_layer.weight.shape == (40, 16)
+    assert build_losses(cfg).parts["ibot"].center.shape == (40,)
+    shared, _, _ = build(["dino", "ibot"])
+    assert shared.ibot_head is shared.head
+    no_masks = Views(**{**views.__dict__, "masks": None, "max_masked_patches": 0})
+    with pytest.raises(ValueError, match="methods.ibot.enabled needs Views.masks: set recipe.masks.enabled=true"):
+        student(no_masks, "student")
+    with pytest.raises(ValueError, match="methods.koleo.enabled: KoLeo is a regulariser"):
+        methods_config(["koleo"]).validate()
+    for key, value, message in (("centering", "sinkhorn", "methods.ibot.centering: must be one of center, sinkhorn_knopp"),
+                                ("sinkhorn_iterations", 0, "methods.ibot.sinkhorn_iterations"), ("out_dim", 0, "methods.ibot.out_dim")):
+        cfg = methods_config(["ibot"])
+        setattr(cfg.ibot, key, value)
+        with pytest.raises(ValueError, match=message):
+            cfg.validate()
+    cfg = methods_config(["dino"])
+    cfg.dino.centering = "sk"
+    with pytest.raises(ValueError, match="methods.dino.centering"):
+        cfg.validate()
 
 
 @pytest.mark.parametrize("names", COMBINATIONS[:4], ids=lambda names: "+".join(names))
@@ -167,6 +255,9 @@ def test_feature_kind_auto_follows_the_enabled_methods():
     assert feature_kind("auto", methods_config(["dino", "flsl"])) == "cls"
     assert feature_kind("auto", methods_config(["dino", "selfpatch"])) == "cls"
     assert feature_kind("cls", methods_config(["flsl"])) == "cls"
+    assert feature_kind("auto", methods_config(["ibot"])) == "patch_mean"  # iBOT trains patch tokens only
+    assert feature_kind("auto", methods_config(["ibot", "flsl"])) == "patch_mean"
+    assert feature_kind("auto", methods_config(["dino", "ibot", "koleo"])) == "cls"
     student, _, _ = build(["flsl"])
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -246,11 +337,14 @@ def test_regioncl_region_0_is_the_pasted_box_and_targets_the_partner_image():
     assert out["regioncl"].item() == pytest.approx(sum(terms).item() / 2, abs=1e-5)
 
 
-def test_forward_and_losses_make_no_host_sync_ops():
+@pytest.mark.parametrize("centering", ["center", "sinkhorn_knopp"])
+def test_forward_and_losses_make_no_host_sync_ops(centering):
     """CPU stand-in for the GPU sync-debug test: after a first step (caches built), no op that reads a device
     value on the host (item/bool: `_local_scalar_dense`, `nonzero`, boolean-mask indexing) and no Python data
-    turned into a tensor (`lift_fresh`: on CUDA a pageable host copy), on log steps and between them."""
-    models = build(["dino", "adclr", "selfpatch", "regioncl", "flsl"])
+    turned into a tensor (`lift_fresh`: on CUDA a pageable host copy), on log steps and between them; every
+    term, iBOT's masked-patch gather and Sinkhorn-Knopp centring included."""
+    models = build(EVERY_TERM)
+    models[2].methods_cfg.dino.centering = models[2].methods_cfg.ibot.centering = centering
     views = make_views()
     one_step(*models, views, collect_stats=False)
     for collect_stats in (False, True):
@@ -263,8 +357,10 @@ def test_forward_and_losses_make_no_host_sync_ops():
 @pytest.mark.gpu
 def test_cuda_forward_and_losses_make_no_host_sync():
     """Every method on CUDA under bf16 autocast, after a first step: `set_sync_debug_mode("error")` raises on any
-    synchronizing call (item, nonzero, pageable host copies) in forward, second teacher stage, losses, backward."""
-    student, teacher, losses = build(["dino", "adclr", "selfpatch", "regioncl", "flsl"])
+    synchronizing call (item, nonzero, pageable host copies) in forward, second teacher stage, losses, backward
+    (iBOT's masked-patch gather, KoLeo and Sinkhorn-Knopp centring included)."""
+    student, teacher, losses = build(EVERY_TERM)
+    losses.methods_cfg.dino.centering = losses.methods_cfg.ibot.centering = "sinkhorn_knopp"
     models = student.cuda(), teacher.cuda().eval(), losses.cuda()
     views = make_views().to("cuda")
     autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
@@ -350,11 +446,17 @@ def test_short_training_loop_drives_every_loss_down(names):
         assert last < 0.9 * first, f"{names}: {key} {first:.4f} -> {last:.4f}"
 
 
-@pytest.mark.parametrize("names", [["dino", "adclr", "regioncl"], ["dino", "selfpatch"], ["flsl"]],
-                         ids=lambda names: "+".join(names))
-def test_flop_count_matches_torch_flop_counter(names):
-    """FlopCounterMode does not count CPU SDPA kernels: run timm's attention as explicit matmuls."""
-    student, teacher, losses = build(names)
+@pytest.mark.parametrize("names, head_out_dim", [(["dino", "adclr", "regioncl"], 32), (["dino", "selfpatch"], 32),
+                                                 (["flsl"], 32), (["dino", "ibot", "koleo"], 2048), (["ibot"], 2048)],
+                         ids=lambda value: "+".join(value) if isinstance(value, list) else f"K{value}")
+def test_flop_count_matches_torch_flop_counter(names, head_out_dim):
+    """FlopCounterMode does not count CPU SDPA kernels: run timm's attention as explicit matmuls. iBOT with a
+    K = 2048 head, so its head on the masked-patch buffer is ~10% of the step and a wrong count shows."""
+    torch.manual_seed(0)
+    methods = methods_config(names)
+    methods.head.out_dim = head_out_dim
+    student = SSLModel(TINY, methods)
+    teacher, losses = copy.deepcopy(student), build_losses(methods, TINY)
     for module in [*student.modules(), *teacher.modules()]:
         if hasattr(module, "fused_attn"):
             module.fused_attn = False
@@ -369,7 +471,7 @@ def test_flop_count_matches_torch_flop_counter(names):
         out = losses(student_out, teacher_out, views, LossState())
         out["loss"].backward()
     measured = counter.get_total_flops() / 2
-    analytic = count_step_flops(TINY, methods_config(names), StepShape.from_views(views))
+    analytic = count_step_flops(TINY, methods, StepShape.from_views(views))
     assert analytic == pytest.approx(measured, rel=0.02), f"analytic {analytic:.4g} vs measured {measured:.4g}"
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.recipe import PRESET_NAMES, CropSpec, QuerySpec, SwapSpec, ViewRecipe, recipe_preset
+from pipeline.recipe import PRESET_NAMES, CropSpec, MaskSpec, QuerySpec, SwapSpec, ViewRecipe, recipe_preset
 
 
 @pytest.mark.parametrize("name", PRESET_NAMES)
@@ -71,6 +71,20 @@ def test_flsl_views_draw_the_released_per_view_choice_of_blur_and_solarize():
                 assert abs(observed.float().mean().item() - expected) < tolerance, (kind, view, name, observed.float().mean())
 
 
+def test_ibot_and_dinov2_presets():
+    """iBOT's ViT-S/16 command (2 x 224 of 0.25-1, 10 x 96 of 0.05-0.25, blocks >= 16 patches) and DINOv2's
+    ssl_default_config crops (0.32-1, 8 x 0.05-0.32) and ibot masking (p 0.5, ratios 0.1-0.5, blocks >= 4)."""
+    ibot, dinov2 = recipe_preset("ibot"), recipe_preset("dinov2")
+    assert ibot.global_views.scale == (0.25, 1.0) and (ibot.local_views.count, ibot.local_views.scale) == (10, (0.05, 0.25))
+    assert ibot.masks == MaskSpec(enabled=True, min_block_patches=16)
+    assert dinov2.global_views.scale == (0.32, 1.0) and (dinov2.local_views.count, dinov2.local_views.scale) == (8, (0.05, 0.32))
+    assert dinov2.masks == MaskSpec(enabled=True) and dinov2.masks.sample_probability == 0.5
+    assert (dinov2.masks.ratio_min_max, dinov2.masks.min_block_patches, dinov2.masks.max_block_fraction) == ((0.1, 0.5), 4, 0.5)
+    assert dinov2.masks.aspect == (0.3, 1 / 0.3) and dinov2.global_augment == recipe_preset("dino").global_augment
+    assert not recipe_preset("dino").masks.enabled
+    assert ibot.scaled(global_size=32, local_size=16, patch_size=8).masks.min_block_patches == 1  # 16 x 16 / 196
+
+
 def test_scaled_shrinks_sizes_and_swap_range():
     recipe = recipe_preset("regioncl").scaled(global_size=32, local_size=16, patch_size=8).validate()
     assert (recipe.global_views.size, recipe.local_views.size, recipe.patch_size, recipe.queries.size) == (32, 16, 8, 8)
@@ -100,6 +114,13 @@ def test_unknown_preset_names_the_choices():
         (lambda r: dataclasses.replace(r, interpolation="nearest"), "recipe.interpolation"),
         (lambda r: dataclasses.replace(r, std=(0.2, 0.0, 0.2)), "recipe.std"),
         (lambda r: dataclasses.replace(r, nested_global_scale=(0.0, 1.0)), "recipe.nested_global_scale"),
+        (lambda r: dataclasses.replace(r, masks=MaskSpec(enabled=True, sample_probability=0.0)), "recipe.masks.sample_probability"),
+        (lambda r: dataclasses.replace(r, masks=MaskSpec(enabled=True, ratio_min_max=(0.5, 0.1))), "recipe.masks.ratio_min_max"),
+        (lambda r: dataclasses.replace(r, masks=MaskSpec(enabled=True, min_block_patches=0)), "recipe.masks.min_block_patches"),
+        (lambda r: dataclasses.replace(r, masks=MaskSpec(enabled=True, max_block_fraction=1.5)), "recipe.masks.max_block_fraction"),
+        (lambda r: dataclasses.replace(r, masks=MaskSpec(enabled=True, aspect=(0.0, 3.0))), "recipe.masks.aspect"),
+        (lambda r: dataclasses.replace(r, masks=MaskSpec(enabled=True, rounds=0)), "recipe.masks.rounds"),
+        (lambda r: dataclasses.replace(r, masks=MaskSpec(enabled=True), global_views=CropSpec(size=230)), "recipe.masks"),
         (
             lambda r: dataclasses.replace(r, global_augment=dataclasses.replace(r.global_augment, blur_p=(1.0, 0.1, 0.5))),
             "recipe.global_augment.blur_p",

@@ -27,6 +27,9 @@ METHOD_OVERRIDES = {
     "selfpatch": ["methods.selfpatch.enabled=true"],
     "regioncl": ["methods.regioncl.enabled=true", "recipe.swap.enabled=true"],
     "flsl": ["methods.dino.enabled=false", "methods.flsl.enabled=true", "recipe.nested=true"],
+    "ibot": ["methods.ibot.enabled=true", "recipe.masks.enabled=true", "recipe.masks.min_block_patches=1"],
+    "dinov2": ["methods.ibot.enabled=true", "methods.koleo.enabled=true", "methods.dino.centering=sinkhorn_knopp",
+               "methods.ibot.centering=sinkhorn_knopp", "recipe.masks.enabled=true", "recipe.masks.min_block_patches=1"],
 }
 
 

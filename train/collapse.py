@@ -1,6 +1,6 @@
 """`CollapseMonitor`: a one-line warning when a distillation term collapses, from the logged figures.
 
-Every distillation term (dino, adclr, selfpatch, regioncl, flsl) logs on log steps, from the teacher's
+Every distillation term (dino, adclr, selfpatch, regioncl, flsl, ibot) logs on log steps, from the teacher's
 target rows p_t over K prototypes (`model/methods/common.py`): `<term>/target_entropy` (mean row
 entropy, nats), `<term>/prototypes_in_use` (exp of the entropy of the batch-mean target) and
 `<term>/kl`. The two ways a self-distillation term collapses (DINO, section 5.3 of the paper):
@@ -30,10 +30,13 @@ MIN_PROTOTYPES = 2.0  # fewer prototypes in use is a collapse onto one
 
 
 def prototype_counts(methods_cfg) -> dict[str, int]:
-    """K of every enabled distillation term: the shared DINO head's for dino/adclr/regioncl, their own
-    heads' for selfpatch and flsl."""
-    own = {"selfpatch": methods_cfg.selfpatch.out_dim, "flsl": methods_cfg.flsl.out_dim}
-    return {name: own.get(name, methods_cfg.head.out_dim) for name in methods_cfg.enabled()}
+    """K of every enabled distillation term: the shared DINO head's for dino/adclr/regioncl (and ibot unless
+    `separate_head`), their own heads' for selfpatch, flsl and a separate-head ibot. KoLeo is a regulariser
+    (no targets, no figures)."""
+    ibot = methods_cfg.ibot
+    own = {"selfpatch": methods_cfg.selfpatch.out_dim, "flsl": methods_cfg.flsl.out_dim,
+           "ibot": ibot.out_dim if ibot.separate_head else methods_cfg.head.out_dim}
+    return {name: own.get(name, methods_cfg.head.out_dim) for name in methods_cfg.enabled() if name != "koleo"}
 
 
 class CollapseMonitor:

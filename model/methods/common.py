@@ -24,6 +24,24 @@ p_t (rows of K probabilities) and student p_s,
   a loss that falls because the student matches the teacher shows in the KL.
 All three are 0-d float32 tensors on the device (no host sync); the trainer averages them over ranks
 (equal batches per rank, so the rank mean of row means is the global mean) and logs them.
+
+Sinkhorn-Knopp centring (`sinkhorn_knopp`, `centering: sinkhorn_knopp` of the dino and ibot terms), from
+DINOv2's `sinkhorn_knopp_teacher` (dinov2/loss/dino_clstoken_loss.py, ibot_patch_loss.py) and SwAV's
+formula: Q = exp(t / tau_t) over the R teacher rows of the *global* batch; Q /= sum(Q); then 3 times:
+each prototype's column scaled to total 1 / K (sums all-reduced across ranks), each row to total 1 / R
+(a row lives on one rank); finally Q *= R, so every row is a distribution over the K prototypes and every
+prototype gets about R / K of the mass (DINOv2's R: its batch x world size, for iBOT the all-reduced count
+of masked patches). Decisions:
+- The factors 1 / sum(Q), 1 / K, 1 / R and R are global scales that the next normalisation divides away
+  exactly (in real arithmetic), so they are left out: each iteration is "every prototype's column to the
+  same total (all-reduced), then every row to 1", and neither sum(Q) nor R is all-reduced. Tested equal to
+  the released formula written out (tests/test_methods_dinov2.py) and on 2 ranks against one process.
+- The logits are shifted by their global maximum before the exponential (one all-reduce MAX of a scalar:
+  also a global scale), so exp stays finite when the head's learnable scale grows (DINOv2 exponentiates
+  raw logits). A per-rank shift would not do: it scales the ranks' rows differently, which the
+  all-reduced column sums do not divide away.
+- Rows marked invalid (iBOT's padding) are zero throughout; a sum is floored at float32's smallest normal
+  before dividing (a prototype whose mass underflowed stays 0 instead of NaN).
 """
 from __future__ import annotations
 
@@ -101,17 +119,66 @@ def entropy(probs: Tensor) -> Tensor:
     return torch.special.entr(probs.float()).sum(dim=-1)
 
 
+CENTERINGS = ("center", "sinkhorn_knopp")
+
+
+def _all_reduce(value: Tensor, op=None) -> Tensor:
+    """In-place all-reduce (sum unless `op`) when torch.distributed is initialized; returns `value`."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(value, op=op or dist.ReduceOp.SUM)
+    return value
+
+
+@torch.no_grad()
+def sinkhorn_knopp(teacher_logits: Tensor, temperature: float, iterations: int = 3, valid: Tensor | None = None) -> Tensor:
+    """Sinkhorn-Knopp teacher targets over the global batch (module docstring): logits [..., K] -> float32
+    [..., K], each valid row a distribution. valid [...] bool marks the rows that count (None: all)."""
+    shape = teacher_logits.shape
+    logits = teacher_logits.detach().float().reshape(-1, shape[-1])  # [R, K]
+    tiny = torch.finfo(torch.float32).tiny
+    if valid is not None:
+        valid = valid.reshape(-1, 1)
+    peak = logits.max() if valid is None else logits.masked_fill(~valid, float("-inf")).max()
+    peak = _all_reduce(peak.clone(), dist.ReduceOp.MAX if dist.is_available() else None)
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))  # no valid row on any rank
+    q = torch.exp((logits - peak) / temperature)  # [R, K]
+    if valid is not None:
+        q = torch.where(valid, q, torch.zeros_like(q))  # (not q * valid: a padding row's exp may be inf)
+    for _ in range(iterations):
+        q = q / _all_reduce(q.sum(dim=0)).clamp_min(tiny)  # every prototype the same total mass (all ranks)
+        q = q / q.sum(dim=1, keepdim=True).clamp_min(tiny)  # every row a distribution
+    return q.reshape(shape)
+
+
+def teacher_targets(teacher_logits: Tensor, center: Tensor, temperature: float, centering: str,
+                    iterations: int = 3, valid: Tensor | None = None) -> Tensor:
+    """The teacher's targets of a term with a choice of centring: softmax((t - c) / tau_t) ("center") or
+    `sinkhorn_knopp` ("sinkhorn_knopp"; the centre buffer is then neither read nor updated)."""
+    if centering == "sinkhorn_knopp":
+        return sinkhorn_knopp(teacher_logits, temperature, iterations, valid)
+    return softmax_center_teacher(teacher_logits, center, temperature)
+
+
+def check_centering(prefix: str, centering: str, iterations: int) -> None:
+    if centering not in CENTERINGS:
+        raise ValueError(f"{prefix}.centering: must be one of {', '.join(CENTERINGS)}, got {centering!r}")
+    if iterations < 1:
+        raise ValueError(f"{prefix}.sinkhorn_iterations: must be >= 1, got {iterations}")
+
+
 @torch.no_grad()
 def collapse_stats(term: str, targets: list[Tensor], row_entropy: list[Tensor], loss: Tensor,
-                   paired_entropy: Tensor) -> dict[str, Tensor]:
+                   paired_entropy: Tensor, num_rows: Tensor | None = None) -> dict[str, Tensor]:
     """The three collapse figures of one term (module docstring), as 0-d float32 device tensors.
 
     targets: the teacher's target rows the loss read, in groups [..., K] (not concatenated: a copy of
     every patch target would cost memory); row_entropy: `entropy` of each group ([...]); loss: the term's
     mean cross-entropy; paired_entropy: the mean of H(p_t) over the loss's pairs with the loss's weights.
     The batch-mean target is all-reduced (a collective: every rank must call this on the same steps).
+    num_rows: the rows that count when some rows of `targets` are padding (zero targets, zero entropy), as a
+    device tensor; default: every row.
     """
-    num_rows = sum(h.numel() for h in row_entropy)
+    num_rows = sum(h.numel() for h in row_entropy) if num_rows is None else num_rows
     mean_row_entropy = sum(h.sum() for h in row_entropy) / num_rows
     column_sums = [t.detach().float().reshape(-1, t.shape[-1]).sum(dim=0) for t in targets]
     mean_target = distributed_mean(torch.stack(column_sums).sum(dim=0) / num_rows)  # [K], global batch

@@ -16,6 +16,10 @@ Decisions:
   pairs are summed in closed form (`pairwise_distillation`): backward memory does not grow with pairs.
 - Collapse telemetry on log steps (`common.collapse_stats`): "dino/target_entropy",
   "dino/prototypes_in_use", "dino/kl" (KL = loss - the pair-weighted target entropy).
+- `centering: sinkhorn_knopp` (DINOv2's `train.centering`, its ViT-L/g recipes): the targets are
+  `common.sinkhorn_knopp` of the teacher logits of every global view of the global batch (3 iterations,
+  sums all-reduced), and the centre buffer is left alone, as DINOv2 does. DINOv2's DINO loss equals this
+  module's (its local and global sums over the 2 + 2L pairs, divided by 2 + 2L, are this mean over pairs).
 
 Remaining deviations from the released training (facebookresearch/dino main_dino.py), with reasons:
 - Gradient clipping: DeepSpeed clips the global gradient norm (`deepspeed.gradient_clipping`, 3.0);
@@ -36,7 +40,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from model.methods.common import DistillationConfig, collapse_stats, ema_center_, entropy, softmax_center_teacher
+from model.methods.common import (DistillationConfig, check_centering, collapse_stats, ema_center_, entropy,
+                                  teacher_targets)
 
 
 @dataclass
@@ -48,6 +53,12 @@ class DinoConfig(DistillationConfig):
     teacher_temp: float = 0.04  # tau_t after warm-up (ViT-S default; 0.07 for the boosted recipe)
     warmup_teacher_temp_epochs: float = 30.0  # W: tau_t = np.linspace(warmup, final, W)[epoch], then final
     center_momentum: float = 0.9  # centre EMA momentum
+    centering: str = "center"  # "center" (the EMA centre) | "sinkhorn_knopp" (DINOv2's alternative; centre unused)
+    sinkhorn_iterations: int = 3  # Sinkhorn-Knopp iterations (DINOv2: 3)
+
+    def validate(self, prefix: str = "methods.dino") -> None:
+        super().validate(prefix)
+        check_centering(prefix, self.centering, self.sinkhorn_iterations)
 
 
 def pairwise_distillation(targets: Tensor, student_logits: Tensor, student_temp: float) -> Tensor:
@@ -95,10 +106,13 @@ class DinoLoss(nn.Module):
 
     def forward(self, student_out: dict, teacher_out: dict, views, state) -> dict[str, Tensor]:
         teacher_logits, student_logits = teacher_out["cls_logits"], student_out["cls_logits"]  # [G, B, K], [V, B, K]
-        targets = softmax_center_teacher(teacher_logits, self.center, self.cfg.teacher_temperature(state.epoch))
-        loss = pairwise_distillation(targets, student_logits, self.cfg.student_temp)
+        cfg = self.cfg
+        targets = teacher_targets(teacher_logits, self.center, cfg.teacher_temperature(state.epoch), cfg.centering,
+                                  cfg.sinkhorn_iterations)
+        loss = pairwise_distillation(targets, student_logits, cfg.student_temp)
         parts = {"dino": loss}
         if state.collect_stats:
             parts.update(pairwise_collapse_stats("dino", targets, student_logits.shape[0], loss))
-        ema_center_(self.center, teacher_logits, self.cfg.center_momentum)
+        if cfg.centering == "center":
+            ema_center_(self.center, teacher_logits, cfg.center_momentum)
         return parts

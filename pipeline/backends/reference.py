@@ -1,4 +1,4 @@
-"""The reference: DINO's per-image PIL/torchvision recipe, plus ADCLR queries and RegionCL swaps.
+"""The reference: DINO's per-image PIL/torchvision recipe, plus ADCLR queries, RegionCL swaps and iBOT masks.
 
 The correctness yardstick and the benchmark baseline (`pipeline.bench --vs reference`), deliberately
 the way DINO's `DataAugmentationDINO` works: each image is decoded with PIL at full resolution and
@@ -14,6 +14,10 @@ Decisions:
   then the query photometric spec (no flip, no solarize in the presets).
 - FLSL nested crops: global crops 1.. and locals are sampled with `get_params` on global crop 0's
   region (cut from the full image) and mapped back to source coordinates.
+- iBOT / DINOv2 block masks are the views engine's own (`pipeline.masks`), drawn in the consumer from a
+  generator seeded with the batch seed, first (as the engine draws them first from its generator, which
+  the loader seeds with the same batch seed): the same masks as dali and ffcv (bit for bit on the CPU;
+  on CUDA the block geometry runs in float64, see `pipeline.masks`).
 - RegionCL swaps are made per batch after the per-image views, from the normalized global crop
   `swap.view`: box sides uniform in [min_patches, max_patches] patches (width and height separately),
   top-left uniform on the patch grid, partner by `swap.partner`.
@@ -44,6 +48,7 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from pipeline.masks import block_masks, draw_mask_uniforms, max_masked_patches
 from pipeline.recipe import PhotometricSpec, ViewRecipe
 from pipeline.views import RegionSwap, Views
 
@@ -149,7 +154,7 @@ class ReferenceBatchMaker:
         stacks = {kind: tuple(torch.cat([chunk["stacks"][kind][part] for chunk in chunks]) for part in (0, 1))
                   for kind in ("global", "local", "query")}
         with _seeded(seed):
-            return self._collate(stacks, kept), skipped
+            return self._collate(stacks, kept, seed), skipped
 
     def _open(self, index: int) -> tuple[Image.Image | None, str | None]:
         data = self.source.encoded(index)
@@ -209,13 +214,15 @@ class ReferenceBatchMaker:
             crop = ImageOps.solarize(crop, threshold=round(spec.solarize_threshold * 255))
         return self.normalize(TF.to_tensor(crop))
 
-    def _collate(self, stacks: dict, kept: list[int]) -> Views:
-        """stacks[kind] = (crops [B, V, 3, s, s], boxes [B, V, 4]) -> Views (swaps from the current RNG)."""
+    def _collate(self, stacks: dict, kept: list[int], seed: int) -> Views:
+        """stacks[kind] = (crops [B, V, 3, s, s], boxes [B, V, 4]) -> Views (swaps from the current RNG; masks
+        from a generator seeded with the batch seed, as the views engine's loader generator is)."""
         recipe = self.recipe
         (global_crops, global_boxes), (local_crops, local_boxes) = stacks["global"], stacks["local"]
         query_crops, query_boxes = stacks["query"]  # [B, Q, ...]
         global_crops, local_crops = global_crops.transpose(0, 1), local_crops.transpose(0, 1)  # [G|L, B, 3, s, s]
         swap = self._swap(global_crops) if recipe.swap.enabled else None
+        masks, bound = self._masks(global_crops.shape[1], seed)
         return Views(
             global_crops=global_crops.to(self.dtype).contiguous(),
             local_crops=local_crops.to(self.dtype).contiguous(),
@@ -226,7 +233,19 @@ class ReferenceBatchMaker:
             index=torch.tensor(kept, dtype=torch.int64),
             label=torch.as_tensor(self.source.labels[kept], dtype=torch.int64),
             swap=swap,
+            masks=masks,
+            max_masked_patches=bound,
         )
+
+    def _masks(self, batch: int, seed: int) -> tuple[torch.Tensor | None, int]:
+        """The views engine's block masks (`pipeline.masks`), from the same uniforms: its generator is seeded
+        with the same batch seed and draws the masks' uniforms first, so both backends make the same masks."""
+        spec, num_globals = self.recipe.masks, self.recipe.global_views.count
+        if not spec.enabled:
+            return None, 0
+        side = self.recipe.global_views.size // self.recipe.patch_size
+        uniforms = draw_mask_uniforms(spec, num_globals * batch, torch.Generator().manual_seed(seed))
+        return block_masks(spec, uniforms, num_globals, (side, side)), max_masked_patches(spec, num_globals * batch, side * side)
 
     def _swap(self, global_crops: torch.Tensor) -> RegionSwap:
         """RegionCL composites from global crop `swap.view` ([G, B, 3, H, W] normalized)."""
