@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from pipeline.arguments import OneLineParser, integer
 from pipeline.engine import ViewsEngine
 from pipeline.recipe import PRESET_NAMES, recipe_preset
 from pipeline.views import DecodedBatch, Views
@@ -29,6 +30,7 @@ from pipeline.views import DecodedBatch, Views
 logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 TILE = 112  # pixels per view in the picture
+MAX_PICTURE = 64  # images per picture at most: more is unreadable, and 100,000 would fill the memory
 BOX_COLOURS = {"global": (230, 40, 40), "local": (40, 110, 240), "query": (250, 210, 0), "paste": (30, 200, 60),
                "mask": (230, 0, 230)}
 LEGEND_ENTRIES = (("global", "red = global"), ("local", "blue = local"), ("query", "yellow = query"),
@@ -69,11 +71,10 @@ def load_images(data: Path, count: int) -> tuple[list[np.ndarray], int]:
     reader's `BetonError`) when there is nothing to show.
     """
     if data.suffix == ".beton" and data.is_file():
-        from preprocess.beton import open_beton  # preprocess's reader; late: it loads its writer (~0.2 s)
+        from pipeline.backends.source import open_source  # the one read-and-verify path (crc32 first)
 
-        dataset = open_beton(data)
-        picks = spread(len(dataset), count)
-        opened = [lambda i=i: Image.open(io.BytesIO(dataset.jpeg_bytes(i).tobytes())) for i in picks]
+        source = open_source(data)
+        opened = [lambda i=i: _open_checked(source, i) for i in spread(len(source), count)]
     elif data.is_dir():
         paths = sorted(p for p in data.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not paths:
@@ -92,6 +93,13 @@ def load_images(data: Path, count: int) -> tuple[list[np.ndarray], int]:
     if not images:
         raise ShowDataError(f"--data {data}: all {skipped} chosen images are unreadable")
     return images, skipped
+
+
+def _open_checked(source, index: int) -> Image.Image:
+    data, reason = source.checked(index)
+    if reason is not None:  # damaged bytes often decode without an error: never draw them
+        raise ValueError(f"record {index}: {reason}")
+    return Image.open(io.BytesIO(data.tobytes()))
 
 
 def spread(total: int, count: int) -> list[int]:
@@ -187,27 +195,25 @@ def render(batch: DecodedBatch, views: Views, mean: tuple, std: tuple) -> Image.
     return picture
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.show",
-                                     description="Draw one batch's views (boxes on the source, every crop).")
+    parser = OneLineParser(prog="python -m pipeline.show",
+                           description="Draw one batch's views (boxes on the source, every crop).")
     parser.add_argument("--data", type=Path, required=True, help="image folder or .beton file")
     parser.add_argument("--recipe", default="adclr", choices=PRESET_NAMES, help="recipe preset (default: adclr)")
     parser.add_argument("--out", type=Path, default=Path("views.png"), help="output PNG (default: views.png)")
-    parser.add_argument("--batch-size", type=positive_int, default=4, help="images to show, >= 1 (default: 4)")
+    parser.add_argument("--batch-size", type=integer(1), default=4,
+                        help=f"images to show, 1-{MAX_PICTURE} (default: 4; a picture of more is unreadable)")
     parser.add_argument("--seed", type=int, default=0, help="generator seed (default: 0)")
     parser.add_argument("--swap", action="store_true", help="also make RegionCL composites (on in regioncl)")
     parser.add_argument("--masks", action="store_true",
                         help="also make iBOT / DINOv2 block masks of the global crops (on in ibot and dinov2)")
-    parser.add_argument("--canvas-size", type=positive_int, default=512,
+    parser.add_argument("--canvas-size", type=integer(1), default=512,
                         help="decode canvas side in pixels (default: 512)")
     args = parser.parse_args(argv)
+    if args.batch_size > MAX_PICTURE:
+        parser.error(f"argument --batch-size: at most {MAX_PICTURE} images fit a readable picture, got {args.batch_size}")
+    if args.out.suffix.lower() not in Image.registered_extensions():
+        parser.error(f"argument --out: {args.out} is not an image file name PIL can write (use .png)")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     recipe = recipe_preset(args.recipe)
     if args.swap:

@@ -81,18 +81,34 @@ def test_unreadable_image_is_skipped_and_counted(tmp_path, capsys):
     ("missing", "nowhere: does not exist"),
     ("file", "a.jpg: is not an image folder or a .beton file"),
     ("missing_beton", "gone.beton: does not exist"),
-    ("batch_zero", "--batch-size: must be >= 1, got 0"),
+    ("batch_zero", "argument --batch-size: must be an integer >= 1, got '0'"),
+    ("batch_huge", "argument --batch-size: at most 64 images fit a readable picture, got 100000"),
+    ("out_txt", "argument --out: x.txt is not an image file name PIL can write (use .png)"),
 ])
 def test_bad_input_is_a_one_line_error_with_exit_code_2(tmp_path, capsys, case, message):
+    """Before any image is read: a huge batch used to fill the memory, a .txt output to fail after the work."""
     paths = make_image_folder(tmp_path / "images", num_classes=1, per_class=1)
     data = {"missing": tmp_path / "nowhere", "file": paths[0].rename(tmp_path / "a.jpg"),
-            "missing_beton": tmp_path / "gone.beton", "batch_zero": tmp_path / "images"}[case]
-    extra = ["--batch-size", "0"] if case == "batch_zero" else []
+            "missing_beton": tmp_path / "gone.beton"}.get(case, tmp_path / "images")
+    extra = {"batch_zero": ["--batch-size", "0"], "batch_huge": ["--batch-size", "100000"]}.get(case, [])
+    out = "x.txt" if case == "out_txt" else str(tmp_path / "v.png")
     with pytest.raises(SystemExit) as exit_info:
-        main(["--data", str(data), "--out", str(tmp_path / "v.png"), *extra])
+        main(["--data", str(data), "--out", out, *extra])
     error = capsys.readouterr().err
-    assert exit_info.value.code == 2 and message in error and "Traceback" not in error
-    assert error.strip().splitlines()[-1].startswith("python -m pipeline.show: error:")
+    assert exit_info.value.code == 2 and message in error and error.count("\n") == 1, error
+    assert error.startswith("python -m pipeline.show: error:") and not (tmp_path / "v.png").exists()
+
+
+def test_show_skips_a_corrupt_record_of_a_beton_and_counts_it(tmp_path, capsys):
+    """The picture reads a .beton through the crc32 check: a damaged record that PIL would decode is skipped."""
+    import imagefactory
+    from preprocess.build import build_ffcv
+
+    make_image_folder(tmp_path / "images", num_classes=2, per_class=2)
+    build_ffcv(tmp_path / "images", tmp_path / "set.beton")
+    imagefactory.corrupt_beton_records(tmp_path / "set.beton", [1])
+    main(["--data", str(tmp_path / "set.beton"), "--out", str(tmp_path / "v.png"), "--batch-size", "4"])
+    assert "(3 images, 1 unreadable skipped" in capsys.readouterr().out
 
 
 def test_show_tints_the_masked_patches_of_the_global_crops():
