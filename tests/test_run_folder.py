@@ -89,6 +89,8 @@ def test_resume_continues_a_compatible_relaunch_and_lists_what_changed(tmp_path)
     plan = prepare(tmp_path / "run", config)
     assert plan.checkpoint == checkpoint and plan.changed == {"optim.lr": (0.0005, 0.001)}
     assert prepare(tmp_path / "run", with_value("optim.betas", (0.9, 0.999))).changed == {}  # a tuple is its list
+    by_path = with_value("checkpoint.resume", str(checkpoint))  # how to resume is not a change of the run
+    assert prepare(tmp_path / "run", by_path, resume=str(checkpoint)).changed == {}
 
 
 @pytest.mark.parametrize("key, value", [("model.num_heads", 4), ("model.depth", 3), ("recipe.mean", [0.4, 0.5, 0.5]),
