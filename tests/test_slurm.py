@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from test_multinode import finish
 from test_train_support import make_tiny_beton, read_metrics, write_tiny_config
 from train.launch_env import LAUNCHER_VARS, expand_hostlist, launcher_env_from_slurm
 
@@ -136,18 +137,8 @@ def srun_two_tasks(worker: Path, config: Path, record: Path, job_id: str, **extr
             for r in (0, 1)]
 
 
-def finish(processes: list[subprocess.Popen], timeout: float = 300) -> list[str]:
-    try:
-        return [p.communicate(timeout=timeout)[0] for p in processes]
-    finally:
-        for p in processes:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-
-
 def recorded(record: Path) -> list[dict]:
-    return [json.loads(line) for rank in (0, 1) for line in (record / f"steps_rank{rank}.jsonl").read_text().splitlines()]
+    return [json.loads(line) for path in sorted(record.glob("steps_rank*.jsonl")) for line in path.read_text().splitlines()]
 
 
 @pytest.mark.slow
