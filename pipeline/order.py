@@ -54,4 +54,4 @@ def rank_batches(
 
 def view_seed(seed: int, epoch: int, rank: int, position: int) -> int:
     """The seed of the views of batch `position` (independent streams per (seed, epoch, rank, position))."""
-    return int(np.random.SeedSequence([seed, epoch, rank, position]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return int(np.random.SeedSequence([seed, epoch, rank, position]).generate_state(1, dtype=np.uint64)[0]) >> 1  # int first: numpy 1.x refuses uint64 >> int

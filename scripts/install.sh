@@ -2,10 +2,16 @@
 # Install everything densessl needs into the current Python environment (a venv, a conda env, or the
 # system interpreter). Idempotent: a second run checks and returns in seconds.
 #   bash scripts/install.sh
+# The exact versions come from a constraints file (CONSTRAINTS, default constraints/tested.txt: the main
+# stack), DALI from the extra for one CUDA major (DALI_EXTRA, default dali-cuda13; dali-cuda12 for CUDA 12
+# drivers). scripts/install_lowest.sh runs this for the lowest supported stack in .venv-lowest.
+# Into a cluster's own torch: `pip install -e '.[dali-cuda12]'` (no constraints; see README "On a cluster").
 set -euo pipefail
 export PIP_ROOT_USER_ACTION=ignore
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+CONSTRAINTS=${CONSTRAINTS:-constraints/tested.txt}
+DALI_EXTRA=${DALI_EXTRA:-dali-cuda13}
 
 # ffcv compiles against OpenCV and libjpeg-turbo; the demo data comes from Debian's Fashion-MNIST package,
 # the photo benchmarks from Debian's wallpaper packages (real photographs).
@@ -19,16 +25,18 @@ if [[ -n $missing ]]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing >/dev/null
 fi
 
-# torch first and pinned, so that nothing below can pull a different build.
-if ! $PYTHON -c "import torch, torchvision, sys; sys.exit(torch.__version__.split('+')[0] != '2.14.1')" 2>/dev/null; then
-    echo "== pip install torch==2.14.1 torchvision==0.29.1"
-    $PYTHON -m pip install -q torch==2.14.1 torchvision==0.29.1
+# torch first, at the constraints' versions, so that nothing below can pull a different build.
+torch_pin=$(grep -E '^torch==' "$CONSTRAINTS" | cut -d= -f3)
+torchvision_pin=$(grep -E '^torchvision==' "$CONSTRAINTS" | cut -d= -f3)
+if ! $PYTHON -c "import torch, torchvision, sys; sys.exit(torch.__version__.split('+')[0] != sys.argv[1] or torchvision.__version__.split('+')[0] != sys.argv[2])" "$torch_pin" "$torchvision_pin" 2>/dev/null; then
+    echo "== pip install torch==$torch_pin torchvision==$torchvision_pin"
+    $PYTHON -m pip install -q -c "$CONSTRAINTS" "torch==$torch_pin" "torchvision==$torchvision_pin"
 fi
 # find_spec locates without importing (importing deepspeed and DALI takes seconds).
 required="ffcv nvidia.dali deepspeed timm safetensors tensorboard tqdm yaml psutil matplotlib pytest hypothesis importlinter"
 if ! (cd / && $PYTHON -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in sys.argv[1:]))" $required); then
-    echo "== pip install -e .[test]"
-    $PYTHON -m pip install -q -e ".[test]"
+    echo "== pip install -c $CONSTRAINTS -e .[test,$DALI_EXTRA]"
+    $PYTHON -m pip install -q -c "$CONSTRAINTS" -e ".[test,$DALI_EXTRA]"
 fi
 # The editable install (console script `preprocess`, imports from anywhere) must point at this checkout
 # and know all five packages; an install made from an older clone or before a package existed does not.

@@ -55,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from train.launch_env import launcher_env_from_slurm
+    launcher_env_from_slurm()  # under srun without a launcher: RANK, WORLD_SIZE, MASTER_* from SLURM's variables
     from train.config import ConfigError, check_data, check_paths, load_config
 
     try:  # before logging is set up: a config mistake prints its one line and nothing else

@@ -10,7 +10,9 @@ records of that batch that were dropped (failed crc32 or decode). The reference 
 - `reference.ReferenceViews`: PIL/torchvision, DINO's per-image transforms + queries + swaps.
 - `dali_ops.DaliOpsViews`: the op-per-view DALI graph, a benchmark baseline only.
 Only `dali` and `dali_ops` import `nvidia.dali` (inside their functions), so the ffcv and reference
-backends, the views engine and `pipeline.bench` run where DALI is not installed.
+backends, the views engine and `pipeline.bench` run where DALI is not installed. DALI is an optional
+extra per CUDA major; building a DALI backend without it raises one ImportError naming the extra
+(`require_dali`).
 
 `prefetched(iterator, depth, device, name)` runs an iterator in a background thread, `depth` items
 ahead. The loader chains two of them (decode, then the views engine; `pipeline.loader`). Decisions:
@@ -36,7 +38,11 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import importlib.util
 import queue
+import re
+import shutil
+import subprocess
 import threading
 from contextlib import nullcontext
 
@@ -46,10 +52,43 @@ _END = object()
 _RUNNING: dict[threading.Thread, threading.Event] = {}  # prefetch threads alive -> their stop flag
 
 
+def driver_cuda_major() -> int | None:
+    """The CUDA major of the driver, from the "CUDA Version: 12.4" that `nvidia-smi` prints; None without one."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(r"CUDA Version:\s*(\d+)\.", out)
+    return int(found.group(1)) if found else None
+
+
+def dali_install_hint() -> str:
+    """What to install for the DALI backends: the extra of the driver's CUDA major (DALI ships one wheel each)."""
+    major = driver_cuda_major()
+    pick = (f"; nvidia-smi reports CUDA {major} here, so: pip install -e '.[dali-cuda{major}]'"
+            if major in (12, 13) else "")
+    return ("NVIDIA DALI (nvidia.dali) is not installed: install the extra of your CUDA major, "
+            "pip install -e '.[dali-cuda12]' (CUDA 12 drivers) or pip install -e '.[dali-cuda13]' (CUDA 13; "
+            f"the 'CUDA Version' that nvidia-smi prints){pick}; or use data.backend=ffcv")
+
+
+def require_dali() -> None:
+    """Raise an ImportError naming the DALI extra to install when `nvidia.dali` cannot be imported."""
+    try:
+        found = importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
+    except ImportError:  # a parent package that refuses to import
+        found = False
+    if not found:
+        raise ImportError(dali_install_hint())
+
+
 def build_stage_one(data, recipe, source, device: torch.device, *, max_samples: int):
     """The stage-1 object for `data.backend` ("dali" | "ffcv" | "reference")."""
     # Only the chosen backend's module is imported: DALI and FFCV take seconds to import and may be absent.
     if data.backend == "dali":
+        require_dali()
         from pipeline.backends.dali import DaliCanvasDecoder
 
         return DaliCanvasDecoder(source, data.batch_size, data.canvas_size, data.workers, device,

@@ -112,6 +112,9 @@ class DaliOpsViews:
         self.device = torch.device(device)
         self.dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
         self.timings: dict[str, float] | None = None
+        from pipeline.backends import require_dali
+
+        require_dali()
         self.pipe = _build_pipeline(recipe, batch_size, threads, self.device, seed)
 
     def views_batches(self, batches, seeds):

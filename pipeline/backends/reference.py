@@ -110,7 +110,7 @@ def _identity(item):
 
 def image_seed(seed: int, position: int) -> int:
     """The seed of the transforms of the image at `position` of the batch whose seed is `seed`."""
-    return int(np.random.SeedSequence([seed, position]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return int(np.random.SeedSequence([seed, position]).generate_state(1, dtype=np.uint64)[0]) >> 1  # int first: numpy 1.x refuses uint64 >> int
 
 
 class ReferenceBatchMaker:
