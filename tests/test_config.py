@@ -333,8 +333,10 @@ def test_a_backend_whose_library_is_missing_is_a_config_error(tiny_data, tmp_pat
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.startswith("nvidia") else real_find_spec(name, *a))
     path = write_tiny_config(tmp_path, tiny_data["folder"], tmp_path / "run")
     assert main(["--config", str(path), "data.backend=dali"]) == 2
-    assert capsys.readouterr().err == ("config error: data.backend: 'dali' needs the Python package nvidia.dali, which is "
-                                       "not installed here (scripts/setup.sh installs it), or choose another backend\n")
+    err = capsys.readouterr().err
+    assert err.startswith("config error: data.backend: 'dali' needs the Python package nvidia.dali, which is not installed "
+                          "here: NVIDIA DALI (nvidia.dali) is not installed: install the extra of your CUDA major, "
+                          "pip install -e '.[dali-cuda12]'") and err.count("\n") == 1, err
     assert not (tmp_path / "run").exists()
 
 

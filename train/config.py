@@ -255,9 +255,11 @@ def check_data(config: TrainConfig, world_size: int) -> None:
                "folder: build one with `preprocess build-ffcv`, or use data.backend=dali or reference")
     library = {"dali": "nvidia.dali", "ffcv": "ffcv"}.get(data.backend)
     if library is not None:
+        from pipeline.backends import dali_install_hint
+
+        how = dali_install_hint() if data.backend == "dali" else "scripts/install.sh installs it; or choose another backend"
         _check(importlib.util.find_spec(library.split(".")[0]) is not None and importlib.util.find_spec(library) is not None,
-               "data.backend", f"{data.backend!r} needs the Python package {library}, which is not installed here "
-               "(scripts/setup.sh installs it), or choose another backend")
+               "data.backend", f"{data.backend!r} needs the Python package {library}, which is not installed here: {how}")
     global_batch = data.batch_size * world_size
     _check(not data.drop_last or len(source) >= global_batch, "data.batch_size",
            f"{len(source)} samples in {data.path} make no whole global batch of {data.batch_size} x {world_size} rank(s); "
