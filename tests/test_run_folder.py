@@ -162,3 +162,14 @@ def test_a_run_dir_that_cannot_be_made_is_one_line(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(RunFolderError, match=rf"run_dir: cannot write {tmp_path / 'file' / 'run'}: \[Errno 20\] Not a directory"):
         RunLock(tmp_path / "file" / "run").acquire()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda run: (run / "checkpoints" / "latest").write_text("garbage\n"), "names .*garbage, which is not a complete checkpoint"),
+    (lambda run: (run / "checkpoints" / "step_00000004" / "COMPLETE").unlink(), "names .*step_00000004, which is not a complete checkpoint"),
+])
+def test_a_latest_that_names_no_complete_checkpoint_is_one_line(tmp_path, damage, message):
+    make_run(tmp_path / "run")
+    damage(tmp_path / "run")
+    with pytest.raises(RunFolderError, match=f"^checkpoint.resume: .*latest {message}; name a complete one"):
+        prepare(tmp_path / "run")

@@ -127,7 +127,8 @@ def prepare_run_folder(config_tree: dict, run_dir: str | Path, resume: str, worl
     try:
         checkpoint = find_checkpoint(run_dir / "checkpoints", resume)
     except FileNotFoundError as error:
-        raise RunFolderError(f"checkpoint.resume: {error}") from None
+        raise RunFolderError(f"checkpoint.resume: {error}; name a complete one (checkpoint.resume=RUN_DIR/checkpoints/"
+                             f"step_N) or start over (checkpoint.resume=restart)") from None
     if checkpoint is None:
         if resume == "auto" and holds_a_run(run_dir):  # metrics but no complete checkpoint: a run died early
             raise RunFolderError(
