@@ -52,7 +52,7 @@ class EvalConfig:
     max_train_samples: int = 0  # > 0: use the first N images of the memory set (faster on CPU)
     max_test_samples: int = 0  # > 0: classify the first N images of the test set
     compare_baselines: bool = False  # also k-NN of a random-init backbone and raw pixels, printed side by side
-    features: str = "auto"  # "cls" (the image-level token a loss trains; SelfPatch: its pooled token) | "patch_mean" | "cls+patch_mean" | "auto" (patch_mean for FLSL-only runs, else cls)
+    features: str = "auto"  # "cls" (the image-level token a loss trains; SelfPatch: its pooled token) | "patch_mean" | "cls+patch_mean" | "auto" (patch_mean for FLSL/iBOT-only runs, else cls)
     dense: DenseEvalConfig = field(default_factory=DenseEvalConfig)  # Hummingbird + linear patch probe on build-mosaics sets ("" paths = off)
 
     def validate(self) -> "EvalConfig":

@@ -6,7 +6,7 @@ T = 0.07, teacher backbone's final-norm cls token).
 
 Features (`eval.features`, `feature_extractor(model, kind)` -> `SSLModel.features`): "cls" the
 image-level token a loss trains (final-norm cls; SelfPatch's pooled token), "patch_mean" the mean of
-the final-norm patch tokens, "cls+patch_mean" both; "auto" = patch_mean for FLSL-only runs (no loss
+the final-norm patch tokens, "cls+patch_mean" both; "auto" = patch_mean for FLSL/iBOT-only runs (no loss
 reaches their cls token), cls otherwise.
 
 Distributed: every rank extracts features of its shard (`build_eval_loader` shards index[r::W]); the

@@ -216,6 +216,7 @@ def test_ibot_and_dinov2_presets_carry_the_released_values():
     (["methods.adclr.enabled=true"], "methods.adclr.enabled: needs query crops: set recipe.queries.count > 0"),
     (["methods.regioncl.enabled=true"], "methods.regioncl.enabled: needs region-swap composites: set recipe.swap.enabled=true"),
     (["methods.dino.enabled=false", "methods.flsl.enabled=true"], "methods.flsl.enabled: needs nested crops: set recipe.nested=true"),
+    (["methods.ibot.enabled=true"], "methods.ibot.enabled: needs block masks: set recipe.masks.enabled=true"),
 ])
 def test_methods_need_their_views_at_load_time(tmp_path, capsys, overrides, message):
     """A method whose views the recipe does not make is a config error, not a crash at the first forward."""
@@ -229,7 +230,7 @@ def test_methods_need_their_views_at_load_time(tmp_path, capsys, overrides, mess
     assert err.startswith(f"config error: {message}") and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
     fixed = {"methods.adclr.enabled=true": "recipe.queries.count=3", "methods.regioncl.enabled=true": "recipe.swap.enabled=true",
-             "methods.flsl.enabled=true": "recipe.nested=true"}
+             "methods.flsl.enabled=true": "recipe.nested=true", "methods.ibot.enabled=true": "recipe.masks.enabled=true"}
     load_config(path, [*overrides, fixed[overrides[-1]]])  # with the views made, the same methods load
 
 

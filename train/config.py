@@ -203,6 +203,8 @@ def _check_views_for_methods(methods, recipe) -> None:
            "needs region-swap composites: set recipe.swap.enabled=true (or start from `recipe: regioncl`)")
     _check(not methods.flsl.enabled or recipe.nested, "methods.flsl.enabled",
            "needs nested crops: set recipe.nested=true (or start from `recipe: flsl`)")
+    _check(not methods.ibot.enabled or recipe.masks.enabled, "methods.ibot.enabled",
+           "needs block masks: set recipe.masks.enabled=true (or start from `recipe: ibot` or `recipe: dinov2`)")
 
 
 VIT_SIZES = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12), "large": (1024, 16), "huge": (1280, 16)}

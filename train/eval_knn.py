@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-train-samples", type=integer(0), help="use the first N memory images (default: the run's; 0 = all)")
     parser.add_argument("--max-test-samples", type=integer(0), help="classify the first N test images (default: the run's; 0 = all)")
     parser.add_argument("--features", choices=EVAL_FEATURES,
-                        help="teacher features (default: the run's eval.features; auto = patch_mean for FLSL-only runs)")
+                        help="teacher features (default: the run's eval.features; auto = patch_mean for FLSL/iBOT-only runs)")
     parser.add_argument("--baselines", action="store_true", help="also random-init backbone and raw pixels")
     parser.add_argument("--workers", type=integer(0), default=2, help="decode worker processes (default: 2)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: auto)")

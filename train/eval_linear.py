@@ -30,7 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=integer(1), default=256, help="probe batch size (default: 256)")
     parser.add_argument("--max-train-samples", type=integer(0), default=0, help="first N training images (default: 0 = all)")
     parser.add_argument("--features", choices=EVAL_FEATURES,
-                        help="teacher features (default: the run's eval.features; auto = patch_mean for FLSL-only runs)")
+                        help="teacher features (default: the run's eval.features; auto = patch_mean for FLSL/iBOT-only runs)")
     parser.add_argument("--workers", type=integer(0), default=2, help="decode worker processes (default: 2)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: auto)")
     return parser.parse_args(argv)
