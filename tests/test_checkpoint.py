@@ -34,6 +34,7 @@ def _train(config) -> tuple[object, str]:
 
         save_run_checkpoint(run)
     run.telemetry.close()
+    run.lock.release()  # as train.main.train does: the run folder is free again
     return run, result
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -151,7 +152,9 @@ def test_two_nodes_match_one_node_survive_a_killed_rank_and_resume(tmp_path):
     print(f"node 0 exited {seconds_to_exit:.1f} s after rank 1 was killed")
     assert nodes[0].returncode != 0 and nodes[1].returncode != 0
     assert seconds_to_exit < 120, seconds_to_exit  # far below collective_timeout_s=600: not a timeout
-    assert "distributed error: rank 0: a collective failed (Connection closed by peer" in node0_output, node0_output[-3000:]
+    # gloo says "closed" or, when the peer's socket is reset mid-read (a loaded machine), "reset"
+    assert re.search(r"distributed error: rank 0: a collective failed \((Connection closed by peer|Read error \[[\d.]+\]:\d+: "
+                     r"Connection reset by peer)", node0_output), node0_output[-3000:]
     assert (tmp_path / "two_nodes" / "checkpoints" / "latest").read_text().strip() == "step_00000004"
 
     ranks = spawn_single_node(worker, config, tmp_path / "record_relaunched")
