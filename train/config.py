@@ -78,7 +78,8 @@ class DeepSpeedConfig:
 
     zero_stage: int = 2  # ZeRO stage 0, 1, 2 or 3 (2 for models that fit; 3 partitions parameters)
     bf16: bool = True  # bf16 weights/activations with fp32 master weights (DeepSpeed's bf16 mode)
-    gradient_clipping: float = 3.0  # global gradient-norm clip (DINO: 3.0); 0 = off
+    gradient_clipping: float = 3.0  # gradient-norm clip (DINO: 3.0); 0 = off
+    gradient_clipping_mode: str = "per_parameter"  # "per_parameter": each parameter's gradient norm on its own (DINO's utils.clip_gradients); "global": one norm over all (DeepSpeed's)
     overlap_comm: bool = True  # overlap gradient reduction with backward (ZeRO 2/3)
     reduce_bucket_size: int = 50_000_000  # elements per gradient-reduction bucket
     communication_data_type: str = "fp32"  # "fp32" or "bf16" for gradient all-reduce
@@ -128,6 +129,8 @@ class TrainConfig:
         _check_optim(self.optim)
         _check(self.deepspeed.gradient_clipping >= 0, "deepspeed.gradient_clipping",
                f"must be >= 0 (0 = off), got {self.deepspeed.gradient_clipping}")
+        _check(self.deepspeed.gradient_clipping_mode in ("per_parameter", "global"), "deepspeed.gradient_clipping_mode",
+               f"must be per_parameter (DINO's) or global (DeepSpeed's), got {self.deepspeed.gradient_clipping_mode!r}")
         _check_heads(self.model)
         crop = self.recipe.global_views.size
         _check(self.data.canvas_size >= crop, "data.canvas_size", f"{self.data.canvas_size} px is smaller than the global "

@@ -9,7 +9,9 @@
 - `deepspeed_config(cfg, batch_size, world_size)`: the DeepSpeed JSON generated from our config (written
   to the run folder; there is no second hand-written JSON to drift).
 - `build_student_engine(cfg, student)`: `deepspeed.initialize` with a client `torch.optim.AdamW` over
-  parameter groups (no weight decay on biases and 1-d parameters, as DINO), bf16, ZeRO stage, clipping.
+  parameter groups (no weight decay on biases and 1-d parameters, as DINO), bf16, ZeRO stage, and the
+  gradient clip: DINO's per parameter (`train.clipping`, DeepSpeed's own clip then off) or DeepSpeed's
+  global norm (`deepspeed.gradient_clipping_mode`).
 - `apply_schedule(engine, groups, values)` sets each group's lr / weight decay for the next step.
 - `update_teacher(student, teacher, momentum, zero_stage)`: theta_t <- m theta_t + (1 - m) theta_s.
 
@@ -63,6 +65,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from train.clipping import PerParameterClip
+
 logger = logging.getLogger(__name__)
 GATHER_CHUNK = 50_000_000  # elements gathered at once for the ZeRO-3 EMA
 
@@ -94,7 +98,7 @@ def deepspeed_config(cfg, batch_size: int, world_size: int) -> dict:
     return {
         "train_micro_batch_size_per_gpu": batch_size,
         "gradient_accumulation_steps": 1,
-        "gradient_clipping": ds.gradient_clipping,
+        "gradient_clipping": ds.gradient_clipping if ds.gradient_clipping_mode == "global" else 0.0,  # else train.clipping
         "bf16": {"enabled": ds.bf16, "check_grad_overflow": False},  # the loop checks the loss on the device
         "zero_optimization": {
             "stage": ds.zero_stage,
@@ -130,7 +134,8 @@ def parameter_groups(module: nn.Module) -> tuple[list[dict], list[dict]]:
 
 
 def build_student_engine(cfg, student: nn.Module, batch_size: int, device: torch.device, world_size: int = 1):
-    """`deepspeed.initialize` the student; returns (engine, group kinds, the DeepSpeed config dict)."""
+    """`deepspeed.initialize` the student; returns (engine, group kinds, the DeepSpeed config dict, the
+    per-parameter clip or None)."""
     groups, kinds = parameter_groups(student)
     optimizer = torch.optim.AdamW(groups, lr=0.0, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, fused=True)
     config = deepspeed_config(cfg, batch_size, world_size)
@@ -138,7 +143,10 @@ def build_student_engine(cfg, student: nn.Module, batch_size: int, device: torch
     if not make_step_sync_free(engine.optimizer) and device.type == "cuda":
         logger.warning("deepspeed.zero_stage=%d: DeepSpeed's optimizer for this stage reads gradient norms or overflow "
                        "flags on the host every step (ZeRO-1/2 do not)", cfg.deepspeed.zero_stage)
-    return engine, kinds, config
+    clip = None
+    if cfg.deepspeed.gradient_clipping_mode == "per_parameter" and cfg.deepspeed.gradient_clipping > 0:
+        clip = PerParameterClip(engine, student, cfg.deepspeed.gradient_clipping, cfg.deepspeed.zero_stage)
+    return engine, kinds, config, clip
 
 
 def make_step_sync_free(optimizer) -> bool:

@@ -77,6 +77,7 @@ class Run:
     evaluations: list = field(default_factory=list)
     collapse: object = None  # train.collapse.CollapseMonitor (rank 0): warns when a distillation term collapses
     lock: object = None  # train.run_folder.RunLock held by rank 0 while the run trains
+    clip: object = None  # train.clipping.PerParameterClip (deepspeed.gradient_clipping_mode=per_parameter)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -190,8 +191,10 @@ def _check_and_log(run: Run, parts: dict, nonfinite: torch.Tensor, stop_requeste
         losses = dict(zip(names, values[:-2]))
         epoch = run.step / run.steps_per_epoch
         temperatures = run.losses.teacher_temperatures(epoch)
-        run.telemetry.log_step(run.step, epoch, losses, run.schedules.at(run.step - 1), temperatures,
-                               extra={"skipped_records": run.loader.skipped})
+        extra = {"skipped_records": run.loader.skipped}
+        if run.clip is not None:  # the device was synced above: reading the count costs nothing more
+            extra["clipped_parameters"] = run.clip.clipped_per_step()
+        run.telemetry.log_step(run.step, epoch, losses, run.schedules.at(run.step - 1), temperatures, extra=extra)
         if run.collapse is not None:
             run.collapse.update(run.step, losses)
     return values[-1] > 0

@@ -190,7 +190,7 @@ def build_run(cfg, device, benchmark_steps: int = 0, warmup_steps: int = 5):
     student = SSLModel(cfg.model, cfg.methods)
     teacher = make_teacher(student, device)
     losses = build_losses(cfg.methods, cfg.model).to(device)
-    engine, group_kinds, ds_config = build_student_engine(cfg, student, cfg.data.batch_size, device, world_size)
+    engine, group_kinds, ds_config, clip = build_student_engine(cfg, student, cfg.data.batch_size, device, world_size)
     global_batch = cfg.data.batch_size * world_size
     schedules = build_schedules(cfg.optim, cfg.schedule, len(loader), global_batch)
     total_steps = schedules.total_steps
@@ -201,7 +201,7 @@ def build_run(cfg, device, benchmark_steps: int = 0, warmup_steps: int = 5):
     run = Run(cfg=cfg, run_dir=run_dir, device=device, rank=rank, world_size=world_size, loader=loader, engine=engine,
               group_kinds=group_kinds, teacher=teacher, losses=losses, schedules=schedules, telemetry=None,
               total_steps=total_steps, collapse=CollapseMonitor.from_methods(cfg.methods) if rank == 0 else None,
-              lock=lock)
+              lock=lock, clip=clip)
     checkpoint, state = plan.checkpoint, None
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, engine=engine, teacher=teacher, losses=losses)

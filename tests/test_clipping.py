@@ -1,0 +1,148 @@
+"""DINO's per-parameter gradient clip under DeepSpeed (train/clipping.py) against the formula, ZeRO 0-3, 1 and 2 ranks.
+
+Every case trains a small module for one step through `deepspeed.initialize` in forked processes (gloo). Two
+spies on the inner optimizer's `step` record the fp32 gradient slices it is given just before the clip and
+just after it (the clip wraps the step; one spy wraps the clip, the other sits under it). Expected: each
+parameter's slices scaled by min(1, max_norm / (||g|| + 1e-6)), ||g|| over the parameter's whole (all-reduced)
+gradient, i.e. over its slices on every rank: DINO's `utils.clip_gradients`. The module's parameters are
+sized so that, on 2 ranks, ZeRO-1/2's flat partitions cut a weight and a bias in two and ZeRO-3 pads them;
+max_norm is set between the parameters' norms so that some are clipped and some are not (a global clip or
+a clip of each rank's slice on its own would scale them differently).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from train.clipping import PerParameterClip
+
+CASES = [(0, True), (0, False), (1, True), (2, True), (2, False), (3, True), (3, False)]  # (ZeRO stage, bf16)
+
+
+def small_module() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 3), nn.Tanh(), nn.Linear(3, 2))
+
+
+def batch(rank: int) -> torch.Tensor:
+    return torch.randn(4, 7, generator=torch.Generator().manual_seed(10 + rank))
+
+
+def spy(optimizer, record: list):
+    """Replace `optimizer.step` by one that records (tensor, grad clone) of every stepped fp32 tensor first."""
+    step = optimizer.step
+
+    def spied(*args, **kwargs):
+        record.append([(tensor, tensor.grad.detach().clone()) for group in optimizer.param_groups
+                       for tensor in group["params"] if tensor.grad is not None])
+        return step(*args, **kwargs)
+
+    optimizer.step = spied
+
+
+def slices_by_parameter(clip: PerParameterClip, record: list) -> dict[int, list[torch.Tensor]]:
+    """{parameter index: [this rank's gradient slices of it]} from one spy's record of a step."""
+    found: dict[int, list[torch.Tensor]] = {}
+    for call in record:
+        for tensor, gradient in call:
+            for index, start, numel in clip.slices[id(tensor)][1]:
+                found.setdefault(index, []).append(gradient.view(-1).narrow(0, start, numel))
+    return found
+
+
+def worker(rank, world_size, init_file, results_dir, stage, bf16, max_norm):
+    import deepspeed
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))  # DeepSpeed asks for them
+    if dist.is_initialized():  # forked from a pytest process where a training test left a world-of-one group
+        dist.destroy_process_group()
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+        module = small_module()
+        # SGD: the clipped gradient is the update (AdamW would normalize most of the clip away in one step)
+        optimizer = torch.optim.SGD([{"params": [p for n, p in module.named_parameters() if n.endswith("weight")]},
+                                     {"params": [p for n, p in module.named_parameters() if n.endswith("bias")]}], lr=0.1)
+        config = {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 0.0,
+                  "bf16": {"enabled": bf16, "check_grad_overflow": False}, "zero_optimization": {"stage": stage},
+                  "communication_data_type": "fp32", "zero_allow_untested_optimizer": True}
+        engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
+        after_clip, before_clip = [], []
+        inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+        spy(inner, after_clip)  # under the clip
+        clip = PerParameterClip(engine, module, max_norm, stage)
+        spy(inner, before_clip)  # around the clip
+        inputs = batch(rank).to(torch.bfloat16 if bf16 else torch.float32)
+        loss = engine(inputs).float().pow(2).sum() * 20.0
+        engine.backward(loss)
+        engine.step()
+        before, after = slices_by_parameter(clip, before_clip), slices_by_parameter(clip, after_clip)
+        torch.save({"before": before, "after": after, "clipped": clip.clipped_per_step(),
+                    "num_parameters": clip.num_parameters}, os.path.join(results_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run(world_size: int, stage: int, bf16: bool, max_norm: float) -> list[dict]:
+    with tempfile.TemporaryDirectory() as results_dir:
+        init_file = os.path.join(results_dir, "init")
+        # fork: the children inherit the imported modules (spawn would re-import torch and deepspeed)
+        mp.start_processes(worker, args=(world_size, init_file, results_dir, stage, bf16, max_norm),
+                           nprocs=world_size, join=True, start_method="fork")
+        return [torch.load(os.path.join(results_dir, f"{rank}.pt")) for rank in range(world_size)]
+
+
+def parameter_norms(ranks: list[dict]) -> dict[int, torch.Tensor]:
+    squared: dict[int, torch.Tensor] = {}
+    for result in ranks:
+        for index, pieces in result["before"].items():
+            squared[index] = squared.get(index, 0.0) + sum(piece.double().pow(2).sum() for piece in pieces)
+    return {index: value.sqrt() for index, value in squared.items()}
+
+
+def max_norm_between(norms: dict[int, torch.Tensor]) -> float:
+    """A threshold with parameters on both sides of it."""
+    ordered = sorted(float(n) for n in norms.values())
+    middle = len(ordered) // 2
+    return (ordered[middle - 1] + ordered[middle]) / 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("stage,bf16", CASES)
+def test_each_parameter_is_clipped_by_its_own_norm(world_size, stage, bf16):
+    unclipped = run(world_size, stage, bf16, max_norm=1e9)
+    norms = parameter_norms(unclipped)
+    assert len(norms) == 6, "every parameter's gradient reaches the inner optimizer"
+    max_norm = max_norm_between(norms)
+    ranks = run(world_size, stage, bf16, max_norm)
+    assert parameter_norms(ranks) == pytest.approx(norms, rel=1e-6)  # the same gradients reach the clip
+    expected_clipped = sum(float(norm) > max_norm for norm in norms.values())
+    assert 0 < expected_clipped < len(norms)
+    for result in ranks:
+        assert result["clipped"] == expected_clipped  # the count telemetry logs, the same on every rank
+        for index, pieces in result["before"].items():
+            coefficient = min(1.0, max_norm / (float(norms[index]) + 1e-6))
+            for before, after in zip(pieces, result["after"][index]):
+                torch.testing.assert_close(after, before * coefficient, rtol=1e-6, atol=0)
+    if world_size == 2 and stage > 0:  # the partitioned path: some parameter really was cut across the ranks
+        assert set(ranks[0]["before"]) & set(ranks[1]["before"])
+
+
+def test_unknown_optimizer_is_refused_with_the_way_out():
+    class NotAnOptimizer:
+        pass
+
+    class Engine:
+        optimizer = NotAnOptimizer()
+        global_steps = 0
+
+    with pytest.raises(TypeError, match="gradient_clipping_mode=global"):
+        PerParameterClip(Engine(), small_module(), 3.0, zero_stage=1)
