@@ -63,6 +63,16 @@ def test_overrides_parse_yaml_values():
         apply_override({}, "flag")
 
 
+def test_floats_written_with_an_exponent_are_floats():
+    """YAML 1.1 (PyYAML) reads `1e-12` (no dot) as a string; a float field takes it as the number it is."""
+    tree = apply_override(apply_override({}, "inner.rate=1e-12"), "inner.pair=[2E3, -1.5e+2]")
+    assert build(Outer, tree).inner == Inner(rate=1e-12, pair=(2000.0, -150.0))
+    with pytest.raises(ConfigError, match=r"inner\.rate: expected float, got str '1e'"):
+        build(Outer, apply_override({}, "inner.rate=1e"))
+    with pytest.raises(ConfigError, match=r"name: expected str"):  # only float fields convert
+        build(Outer, {"inner": {"name": 1e-3}})
+
+
 def test_extends_merges_parent_first(tmp_path):
     (tmp_path / "base.yaml").write_text("count: 1\ninner: {rate: 0.7, name: base}\n")
     (tmp_path / "child.yaml").write_text("extends: base.yaml\ninner: {name: child}\n")

@@ -89,9 +89,12 @@ def test_the_engine_takes_the_settings(beton, tmp_path):
     from train.engine import mask_nonfinite_inplace, unscale_and_clip_on_device
     from train.main import build_run
 
-    run = build_run(tiny_config(tmp_path, beton, tmp_path / "run", ["deepspeed.zero_stage=2"]), torch.device("cpu"))
+    run = build_run(tiny_config(tmp_path, beton, tmp_path / "run", ["deepspeed.zero_stage=2",
+                                                                      "deepspeed.gradient_clipping_mode=global"]), torch.device("cpu"))
     run.telemetry.close()
+    run.lock.release()
     engine, optimizer = run.engine, run.engine.optimizer
+    assert run.clip is None  # global mode: DeepSpeed clips (the default, per parameter: test_clipping.py)
     assert engine.tput_timer.config.enabled is False and engine.tput_timer.config.synchronized is False
     assert isinstance(optimizer, stage_1_and_2.DeepSpeedZeroOptimizer)
     assert optimizer.check_grad_overflow is False and optimizer.overlap_comm is False

@@ -25,7 +25,8 @@ per sub-group under ZeRO-3, on every rank alike; a rank holding only padding sti
 on the host: the clip coefficients stay on the device, and the index vectors are built once per layout.
 
 `clipped_per_step()` gives the mean number of parameters clipped per optimizer step since the last call
-(logged as `clipped_parameters` on log steps, when the loop reads its losses anyway).
+(logged as `clipped_parameters` on log steps, when the loop reads its losses anyway); a zero gradient is
+never counted as clipped.
 """
 from __future__ import annotations
 
@@ -130,7 +131,7 @@ class PerParameterClip:
                 return
             norms = torch.stack(torch._foreach_norm(gradients))
             coefficients = (self.max_norm / (norms + EPS)).clamp(max=1.0)
-            self.clipped += (coefficients < 1).sum()
+            self.clipped += ((coefficients < 1) & (norms > 0)).sum()
             torch._foreach_mul_(gradients, list(coefficients.unbind(0)))
             return
         squared = torch.zeros(self.num_parameters, dtype=torch.float32, device=self.device)
@@ -138,8 +139,8 @@ class PerParameterClip:
             index = self._index_tensor(owners)
             squared.index_add_(0, index, torch.stack(torch._foreach_norm(gradients)).float().square())
         dist.all_reduce(squared)  # every rank joins, also one holding only padding of this group
-        coefficients = (self.max_norm / (squared.sqrt() + EPS)).clamp(max=1.0)  # 1 for parameters not stepped now
-        self.clipped += (coefficients < 1).sum()
+        coefficients = (self.max_norm / (squared.sqrt() + EPS)).clamp(max=1.0)
+        self.clipped += ((coefficients < 1) & (squared > 0)).sum()  # only parameters stepped now (on some rank)
         if gradients:
             torch._foreach_mul_(gradients, list(coefficients.index_select(0, index).unbind(0)))
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -176,6 +177,9 @@ def _convert(hint: Any, value: Any, name: str, current: Any) -> Any:
     return _convert_scalar(hint, value, name)
 
 
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _convert_scalar(hint: Any, value: Any, name: str) -> Any:
     if hint is bool:
         if isinstance(value, bool):
@@ -185,6 +189,8 @@ def _convert_scalar(hint: Any, value: Any, name: str) -> Any:
             return value
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):  # YAML 1.1 reads 1e-12 as a string
             return float(value)
     elif hint is str:
         if isinstance(value, str):

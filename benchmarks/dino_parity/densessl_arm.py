@@ -9,10 +9,12 @@ Without `--patch` this is exactly
 DINO's behaviour, by monkeypatching from this script (no product file is edited), to measure what that
 difference costs:
 
-- `per_param_clip`: DINO's `utils.clip_gradients` (each parameter's gradient clipped to norm 3.0 on its
-  own) instead of DeepSpeed's global-norm clip: `deepspeed.gradient_clipping=0` and, right before the
-  inner AdamW step, every parameter's fp32 gradient (the `.grad` of DeepSpeed's fp32 master copy, which
-  is what AdamW reads) scaled by min(1, 3 / (norm + 1e-6)).
+- `global_clip`: DeepSpeed's one global-norm clip (`deepspeed.gradient_clipping_mode=global`), densessl's
+  only clip before issue 26's fix; the product's default is now DINO's per-parameter clip (`train/clipping.py`).
+- `per_param_clip`: until the fix, this patch wrapped the inner AdamW step with DINO's per-parameter clip
+  (`deepspeed.gradient_clipping=0`, each fp32 master gradient scaled by min(1, 3 / (norm + 1e-6))); the
+  product's `train.clipping.PerParameterClip` does the same arithmetic (same ops, same order), so the name
+  now only sets `deepspeed.gradient_clipping_mode=per_parameter`.
 - `dino_cls_init`: the cls token drawn as DINO's (trunc_normal std 0.02) instead of timm's (normal std 1e-6).
 - `dino_pos_interp`: the positional embedding of a 16 px local view (2 x 2 patches) made as DINO's
   `interpolate_pos_encoding` (bicubic with scale_factor (w0 + 0.1) / sqrt(N), no antialias) instead of
@@ -35,8 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-PATCHES = ("per_param_clip", "dino_cls_init", "dino_pos_interp", "ema_fp32", "freeze_skip", "fp32")
-STATS = {"clipped_steps": 0, "steps": 0, "clipped_parameters": {}}
+PATCHES = ("global_clip", "per_param_clip", "dino_cls_init", "dino_pos_interp", "ema_fp32", "freeze_skip", "fp32")
 
 
 def master_params(engine) -> list[tuple[str, object, object]]:
@@ -59,41 +60,6 @@ def inner_optimizer(engine):
     return opt.optimizer if hasattr(opt, "fp32_groups") else opt
 
 
-def patch_per_param_clip(clip: float = 3.0) -> None:
-    import torch
-
-    import train.engine as engine_module
-
-    build = engine_module.build_student_engine
-
-    def build_student_engine(cfg, student, *args, **kwargs):
-        engine, kinds, config = build(cfg, student, *args, **kwargs)
-        params = master_params(engine)
-        inner = inner_optimizer(engine)
-        inner_step = inner.step
-
-        @torch.no_grad()
-        def step(*a, **k):  # right before AdamW: the fp32 gradients, DeepSpeed's global clip off (clipping=0)
-            clipped = False
-            for name, _, hp in params:
-                if hp.grad is None:
-                    continue
-                norm = hp.grad.norm(2)  # utils.clip_gradients: p.grad.data.norm(2), clip / (norm + 1e-6)
-                coef = clip / (norm + 1e-6)
-                if coef < 1:
-                    hp.grad.mul_(coef)
-                    clipped = True
-                    STATS["clipped_parameters"][name] = STATS["clipped_parameters"].get(name, 0) + 1
-            STATS["clipped_steps"] += clipped
-            STATS["steps"] += 1
-            return inner_step(*a, **k)
-
-        inner.step = step
-        return engine, kinds, config
-
-    engine_module.build_student_engine = build_student_engine
-
-
 def patch_freeze_skip() -> None:
     """While frozen, the last-layer parameters' fp32 gradients are dropped before AdamW, which then skips
     them (no moments, no step count), as DINO's `cancel_gradients_last_layer` (after the clip)."""
@@ -111,10 +77,10 @@ def patch_freeze_skip() -> None:
     step_module.apply_schedule = apply
 
     def build_student_engine(cfg, student, *args, **kwargs):
-        engine, kinds, config = build(cfg, student, *args, **kwargs)
+        engine, kinds, config, clip = build(cfg, student, *args, **kwargs)
         last = [hp for name, _, hp in master_params(engine) if "last_layer" in name]
         inner = inner_optimizer(engine)
-        inner_step = inner.step  # (per_param_clip, if on, wraps this one again: clip first, then the drop)
+        inner_step = inner.step  # the product's per-parameter clip + AdamW: dropped gradients are neither clipped nor stepped
 
         def step(*a, **k):
             if frozen["now"]:
@@ -123,7 +89,7 @@ def patch_freeze_skip() -> None:
             return inner_step(*a, **k)
 
         inner.step = step
-        return engine, kinds, config
+        return engine, kinds, config, clip
 
     engine_module.build_student_engine = build_student_engine
 
@@ -183,9 +149,9 @@ def patch_ema_fp32() -> None:
     build = engine_module.build_student_engine
 
     def build_student_engine(cfg, student, *args, **kwargs):
-        engine, kinds, config = build(cfg, student, *args, **kwargs)
+        engine, kinds, config, clip = build(cfg, student, *args, **kwargs)
         masters.update({id(lp): hp for _, lp, hp in master_params(engine)})
-        return engine, kinds, config
+        return engine, kinds, config, clip
 
     engine_module.build_student_engine = build_student_engine
 
@@ -207,12 +173,16 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     overrides = [f"seed={args.seed}", f"run_dir={args.out}", "log.progress_bar=false",
                  "eval.dense.train_path=''", "eval.dense.val_path=''"]
+    if "global_clip" in args.patch and "per_param_clip" in args.patch:
+        parser.error("--patch global_clip and --patch per_param_clip exclude each other")
+    if "global_clip" in args.patch:
+        overrides.append("deepspeed.gradient_clipping_mode=global")
     if "per_param_clip" in args.patch:
-        overrides.append("deepspeed.gradient_clipping=0")
+        overrides.append("deepspeed.gradient_clipping_mode=per_parameter")
     if "fp32" in args.patch:
         overrides.append("deepspeed.bf16=false")
-    # order matters for the two optimizer-step wrappers: freeze_skip wraps AdamW first, the clip wraps that
-    for name in ("freeze_skip", "per_param_clip", "dino_cls_init", "dino_pos_interp", "ema_fp32"):
+    # the engine patches wrap build_student_engine; each applies to the engine it returns
+    for name in ("freeze_skip", "dino_cls_init", "dino_pos_interp", "ema_fp32"):
         if name in args.patch:
             globals()[f"patch_{name}"]()
     from train.main import main as train_main
@@ -227,8 +197,7 @@ def main(argv=None) -> int:
     result = {"seed": args.seed, "patches": args.patch, "overrides": args.overrides,
               "knn_top1": knn["knn_top1"], "knn_top5": knn["knn_top5"],
               "target_entropy": last.get("dino/target_entropy"), "prototypes_in_use": last.get("dino/prototypes_in_use"),
-              **({"clipped_steps": STATS["clipped_steps"], "clipped_parameters": STATS["clipped_parameters"]}
-                 if "per_param_clip" in args.patch else {})}
+              "clipped_parameters_per_step": [r["clipped_parameters"] for r in train_records if "clipped_parameters" in r]}
     (Path(args.out) / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result), flush=True)
     return 0

@@ -28,16 +28,20 @@ ARMS = {
     "official-globalclip": ("official_dino.py", ["--clip", "global"]),
     "official-timm": ("official_dino.py", ["--backbone", "timm"]),
     "official-fp32": ("official_dino.py", ["--precision", "fp32"]),
-    "densessl": ("densessl_arm.py", []),
+    # densessl arms: until issue 26's fix the product clipped one global norm (the arms below ran on commit 9b75bf7
+    # without `global_clip`, which then was the only clip; on the fixed product `global_clip` gives that clip back)
+    "densessl": ("densessl_arm.py", ["--patch", "global_clip"]),
     "densessl-perparamclip": ("densessl_arm.py", ["--patch", "per_param_clip"]),
-    "densessl-clsinit": ("densessl_arm.py", ["--patch", "dino_cls_init"]),
-    "densessl-posinterp": ("densessl_arm.py", ["--patch", "dino_pos_interp"]),
-    "densessl-emafp32": ("densessl_arm.py", ["--patch", "ema_fp32"]),
-    "densessl-freezeskip": ("densessl_arm.py", ["--patch", "freeze_skip"]),
-    "densessl-fp32": ("densessl_arm.py", ["--patch", "fp32"]),
+    "densessl-clsinit": ("densessl_arm.py", ["--patch", "global_clip", "--patch", "dino_cls_init"]),
+    "densessl-posinterp": ("densessl_arm.py", ["--patch", "global_clip", "--patch", "dino_pos_interp"]),
+    "densessl-emafp32": ("densessl_arm.py", ["--patch", "global_clip", "--patch", "ema_fp32"]),
+    "densessl-freezeskip": ("densessl_arm.py", ["--patch", "global_clip", "--patch", "freeze_skip"]),
+    "densessl-fp32": ("densessl_arm.py", ["--patch", "global_clip", "--patch", "fp32"]),
     "densessl-clip+pos": ("densessl_arm.py", ["--patch", "per_param_clip", "--patch", "dino_pos_interp"]),
     "densessl-allfixes": ("densessl_arm.py", ["--patch", "per_param_clip", "--patch", "dino_pos_interp",
                                               "--patch", "dino_cls_init", "--patch", "ema_fp32", "--patch", "freeze_skip"]),
+    # after the fix: the product as it is (per-parameter clip by default), no patch
+    "densessl-fixed": ("densessl_arm.py", []),
     "official-rerun": ("official_dino.py", []),  # seed 0 again: determinism + AdamW state (optimizer.pth)
 }
 

@@ -19,8 +19,8 @@ Remaining deviations from the released code, with reasons:
 - Cross-view pairing of pixel-carrying queries, from the paper: the authors' repository runs only the
   successor PQCL (position-only queries, targets from the query crop run on its own); its ADCLR variant
   is a commented-out line. The mask, the shared head and the centre follow the released code.
-- Gradient clipping (global norm, DeepSpeed; released: per parameter), last-layer freeze and precision as
-  in `model/methods/dino.py`.
+- Gradient clipping (per parameter, as released), last-layer freeze and precision as in
+  `model/methods/dino.py`.
 
 What the telemetry showed on the Fashion-MNIST demo (configs/demo_fashion_mnist.yaml as it was then: 2
 epochs of all 60,000 images at lr 0.002; 300 steps of batch 64, log every 25; 2026-11-29, CPU): with the

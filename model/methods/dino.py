@@ -22,10 +22,10 @@ Decisions:
   module's (its local and global sums over the 2 + 2L pairs, divided by 2 + 2L, are this mean over pairs).
 
 Remaining deviations from the released training (facebookresearch/dino main_dino.py), with reasons:
-- Gradient clipping: DeepSpeed clips the global gradient norm (`deepspeed.gradient_clipping`, 3.0);
-  DINO clips each parameter's gradient to norm 3.0 (`utils.clip_gradients`). DeepSpeed computes one norm
-  over the (partitioned, reduced) gradients; a per-parameter clip would need every partition's norms per
-  parameter under ZeRO 2/3. The global norm is the bound most trainers use; it clips less often.
+- Gradient clipping is DINO's (each parameter's gradient to norm 3.0, `utils.clip_gradients`), done by
+  `train/clipping.py` under every ZeRO stage (`deepspeed.gradient_clipping_mode: per_parameter`, the
+  default; `global` is DeepSpeed's one norm over all, which cost 1.6 k-NN points at the methods' table
+  recipe: benchmarks/dino_parity/RESULTS.md).
 - Last-layer freeze: lr 0 for the `last_layer` group instead of dropping its gradient, so AdamW's
   moments see the frozen epoch's gradients (`train/engine.py`: ZeRO owns the gradient buffers).
 - Precision: bf16 student (DeepSpeed bf16, fp32 master weights) and a bf16-autocast fp32 teacher instead

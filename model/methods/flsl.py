@@ -48,8 +48,8 @@ Remaining deviations from the released code, with reasons:
 - Query token at the window centre, not a random or first cell, and no random 12 x 12 block (above).
 - beta / beta_ca constant (released: optional cosine schedules, off by default); the released intra-view
   coefficient schedule (`start_intraview`) and the multi-stage `model_previous_stage` are not implemented.
-- Gradient clipping (global norm, DeepSpeed; released: per parameter), last-layer freeze and precision
-  (bf16; released: fp16 autocast) as in `model/methods/dino.py`.
+- Gradient clipping (per parameter, as released), last-layer freeze and precision (bf16; released: fp16
+  autocast) as in `model/methods/dino.py`.
 """
 from __future__ import annotations
 

@@ -44,8 +44,9 @@ Remaining deviations from the released code, with reasons:
   the cls and masked-patch rows are two calls of the same head: the same numbers.
 - Mask rule: DINOv2's, batched (pipeline/masks.py says where it differs from the per-image loop); the iBOT
   recipe preset uses iBOT's 16-patch smallest block but DINOv2's stratified ratio spread (recipe.py).
-- Gradient clipping (global norm), last-layer freeze and precision (bf16 student, fp32 head outputs) as in
-  `model/methods/dino.py`; DINOv2 trains under FSDP with fp16 and a gradient scaler.
+- Gradient clipping per parameter (iBOT's `utils.clip_gradients`; DINOv2 clips each module's norm, backbone
+  and heads, for which its preset uses the global norm), last-layer freeze and precision (bf16 student, fp32
+  head outputs) as in `model/methods/dino.py`; DINOv2 trains under FSDP with fp16 and a gradient scaler.
 """
 from __future__ import annotations
 
