@@ -65,8 +65,6 @@ def worker(rank, world_size, init_file, results_dir, stage, bf16, max_norm):
 
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))  # DeepSpeed asks for them
-    if dist.is_initialized():  # forked from a pytest process where a training test left a world-of-one group
-        dist.destroy_process_group()
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         deepspeed.init_distributed(dist_backend="gloo", verbose=False)
@@ -97,9 +95,10 @@ def worker(rank, world_size, init_file, results_dir, stage, bf16, max_norm):
 def run(world_size: int, stage: int, bf16: bool, max_norm: float) -> list[dict]:
     with tempfile.TemporaryDirectory() as results_dir:
         init_file = os.path.join(results_dir, "init")
-        # fork: the children inherit the imported modules (spawn would re-import torch and deepspeed)
+        # spawn, not fork: a training test earlier in the session leaves this process a world-of-one gloo group
+        # whose store thread a forked child lacks (destroying it there segfaults); spawn costs ~3 s of imports
         mp.start_processes(worker, args=(world_size, init_file, results_dir, stage, bf16, max_norm),
-                           nprocs=world_size, join=True, start_method="fork")
+                           nprocs=world_size, join=True, start_method="spawn")
         return [torch.load(os.path.join(results_dir, f"{rank}.pt")) for rank in range(world_size)]
 
 
