@@ -404,12 +404,20 @@ def test_a_conversion_that_dies_half_way_leaves_nothing_that_looks_valid_and_a_f
         universal.ensure_universal(checkpoint)
     assert sorted(p.name for p in checkpoint.iterdir()) == ["engine"]  # no universal/, no .tmp-universal/
 
+    def killed(engine_folder, output):  # the process dies mid-write: no clean-up runs
+        output.mkdir(parents=True)
+        (output / "mp_rank_00_model_states.pt").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(universal, "run_ds_to_universal", killed)
+    with pytest.raises(KeyboardInterrupt):
+        universal.ensure_universal(checkpoint)
+    assert sorted(p.name for p in checkpoint.iterdir()) == [".tmp-universal", "engine"]  # nothing named universal
+
     def converts(engine_folder, output):
         calls.append(output)
         (output / "zero").mkdir(parents=True)
 
-    (checkpoint / ".tmp-universal").mkdir()  # as left by a conversion that was killed
-    (checkpoint / ".tmp-universal" / "stale").write_text("x")
     monkeypatch.setattr(universal, "run_ds_to_universal", converts)
     folder, seconds = universal.ensure_universal(checkpoint)
     assert folder == checkpoint / "universal" and seconds is not None and calls[-1] == checkpoint / ".tmp-universal" / "engine"
