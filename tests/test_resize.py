@@ -292,6 +292,15 @@ def test_the_plan_keeps_the_global_batch_on_any_number_of_ranks_it_divides_over(
         assert (plan.resize.global_batch, plan.resize.batch_size, plan.resize.converts) == (12, per_rank, True)
 
 
+def test_the_same_command_after_a_resize_keeps_the_global_batch(tmp_path):
+    """A run of 2 x 6 resized to 1 x 12 wrote config batch_size 12; relaunched with its first command (batch 6)
+    on 1 rank again, it keeps 12 (not a silent global batch of 6), and on 3 ranks it takes 4."""
+    make_run(tmp_path / "run", ranks=1, config=with_data(12))
+    same_world = prepare(tmp_path / "run", with_data(6), world_size=1)
+    assert same_world.resize is None and same_world.batch_size == 12 and "data.batch_size" not in same_world.changed
+    assert prepare(tmp_path / "run", with_data(6), world_size=3).batch_size == 4
+
+
 def test_a_global_batch_that_does_not_divide_is_refused_naming_the_rank_counts_that_work(tmp_path):
     make_run(tmp_path / "run", ranks=2, config=with_data(4))
     before = snapshot(tmp_path / "run")

@@ -187,8 +187,9 @@ def build_run(cfg, device, benchmark_steps: int = 0, warmup_steps: int = 5):
     plan, lock = claim_run_folder(cfg, rank, world_size, benchmark_steps)  # before anything is written
     if plan.batch_size is not None and plan.batch_size != cfg.data.batch_size:  # a resume keeps its global batch
         if plan.resize is None:  # (a resize says so in its own line)
-            logger.info("data.batch_size: %d per rank keeps the global batch of %s (%d x %d ranks); the config says %d",
-                        plan.batch_size, plan.checkpoint, plan.batch_size, world_size, cfg.data.batch_size)
+            logger.info("data.batch_size: %d per rank, keeping the global batch of %d that %s trained with (the "
+                        "config says %d; a different global batch is a new run)", plan.batch_size,
+                        plan.batch_size * world_size, plan.checkpoint, cfg.data.batch_size)
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=plan.batch_size))
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DeepSpeed also broadcasts rank 0's)
     loader = build_loader(cfg.data, cfg.recipe, device=device, rank=rank, world_size=world_size, seed=cfg.seed)
