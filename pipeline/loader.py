@@ -25,8 +25,15 @@ Work ahead (issue 12; decisions):
   the CPU, the wall time of `make_views`. 0.0 for the reference (its views are made in the workers).
 
 Order, sharding and resume: the epoch's plan (permutation, each rank's slice of each global batch, the
-views seed of each batch) is `pipeline.order`'s; a loader's state is (epoch, position) in that plan.
-Decisions:
+views seed of each batch) is `pipeline.order`'s; a loader's state is `{"epoch", "samples"}`: the samples
+already consumed in the epoch's *global* order (all ranks together), so it means the same on any number
+of ranks. Decisions:
+- The global batch (batch_size x world_size) is what a resumed run keeps (`train.run_folder`), so
+  `samples` is always whole global batches: a loader of another world size starts at global batch
+  samples / (batch_size x world_size), and its ranks share out exactly the samples of the epoch that
+  are left, each once. Checkpoints written before (issue 21) hold `{"epoch", "position"}`: batches this
+  rank handed out, which at the same global batch is the same global step, and they load as such.
+- Internally `position` = global batches of the epoch consumed (= batches this rank handed out).
 - Epochs: `set_epoch(e)` with a new e restarts at position 0; with the current e it keeps the
   position (the trainer calls it after `load_state_dict`). Running an epoch to its end moves the
   state to (epoch + 1, 0).
@@ -133,11 +140,14 @@ class ViewsLoader:
         self._views_timers: list[ViewsTimer] = []  # batches handed over, views time not yet taken
         self._active = None  # the stream of the iteration in progress (closed before another starts)
 
+    @property
+    def global_batch(self) -> int:
+        return self.data.batch_size * self.world_size
+
     def __len__(self) -> int:
-        global_batch = self.data.batch_size * self.world_size
         if self.data.drop_last:
-            return self.num_samples // global_batch
-        return -(-self.num_samples // global_batch)
+            return self.num_samples // self.global_batch
+        return -(-self.num_samples // self.global_batch)
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
@@ -145,10 +155,21 @@ class ViewsLoader:
             self.epoch, self.position = int(epoch), 0
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
+        """{"epoch", "samples"}: samples consumed in the epoch's global order, by all ranks together."""
+        return {"epoch": self.epoch, "samples": self.position * self.global_batch}
 
     def load_state_dict(self, state: dict) -> None:
-        epoch, position = int(state["epoch"]), int(state["position"])
+        """Continue where a loader of any world size stopped, at the same global batch (module doc); an old
+        state `{"epoch", "position"}` (batches per rank) loads too."""
+        epoch = int(state["epoch"])
+        if "samples" in state:
+            samples = int(state["samples"])
+            if samples % self.global_batch:
+                raise ValueError(f"loader state: {samples} samples consumed is not a whole number of global batches of "
+                                 f"{self.data.batch_size} x {self.world_size} ranks (a resumed run keeps its global batch)")
+            position = samples // self.global_batch
+        else:  # written before issue 21
+            position = int(state["position"])
         if not 0 <= position <= len(self):
             raise ValueError(f"loader state: position {position} outside 0..{len(self)} batches of this epoch")
         self.close()

@@ -42,7 +42,7 @@ class PreparedLoader:
         self.epoch = epoch
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": 0}
+        return {"epoch": self.epoch, "samples": 0}
 
     def take_views_seconds(self) -> float:
         return 0.0

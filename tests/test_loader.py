@@ -80,7 +80,7 @@ def test_every_backend_yields_the_views_contract(loaders, recipe, backend):
     loader = loaders[backend]
     assert len(loader) == 3 and loader.num_samples == NUM_IMAGES
     batches = collect(loader)
-    assert len(batches) == 3 and loader.state_dict() == {"epoch": 1, "position": 0}
+    assert len(batches) == 3 and loader.state_dict() == {"epoch": 1, "samples": 0}
     low = (0 - torch.tensor(recipe.mean)) / torch.tensor(recipe.std)
     high = (1 - torch.tensor(recipe.mean)) / torch.tensor(recipe.std)
     for views in batches:
@@ -130,13 +130,13 @@ def test_resume_after_a_partial_epoch_through_state_dict(loaders):
     iterator = iter(loader)
     first = next(iterator)
     state = loader.state_dict()
-    assert state == {"epoch": 4, "position": 1}
+    assert state == {"epoch": 4, "samples": 4}  # one global batch of 4 x 1 rank
     rest = list(iterator)
     loader.load_state_dict(state)
     loader.set_epoch(4)  # the trainer calls set_epoch after load_state_dict: it must keep the position
     assert [v.index.tolist() for v in loader] == [v.index.tolist() for v in rest]
     loader.set_epoch(5)
-    assert loader.state_dict() == {"epoch": 5, "position": 0}
+    assert loader.state_dict() == {"epoch": 5, "samples": 0}
     assert first.index.tolist() not in [v.index.tolist() for v in rest]
 
 

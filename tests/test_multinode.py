@@ -7,8 +7,8 @@ One test, three runs (each start of a process that imports DeepSpeed costs secon
    `collective_timeout_s` (600 s here: gloo reports the closed connection at once), and both launchers
    exit non-zero;
 3. the relaunch, as the 2 ranks of one node (a job restarted after a node loss lands where there is
-   room; the same world size is what a checkpoint needs, and the launcher was covered by run 2): it
-   resumes from step 4 and finishes.
+   room; the same world size keeps it bit-exact, other sizes are test_resize.py's, and the launcher was
+   covered by run 2): it resumes from step 4 and finishes.
 Then every sample of each epoch was trained on exactly once across the ranks (epoch 2 spans the kill),
 each rank saw the same samples at each step as the same rank of the reference, and the logged losses
 of steps 1-6 equal the reference's bit for bit (CPU, same reduction order).

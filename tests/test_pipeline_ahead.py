@@ -95,7 +95,7 @@ def test_no_thread_outlives_an_iteration_stopped_early(loaders):
     assert pipeline_threads() == []
     again = iter(loader)
     second = next(again)
-    assert second.index.tolist() != first.index.tolist() and loader.state_dict() == {"epoch": 0, "position": 2}
+    assert second.index.tolist() != first.index.tolist() and loader.state_dict() == {"epoch": 0, "samples": 8}
     open_threads = [t for t in threading.enumerate() if t.name == "views-ahead"]
     assert len(open_threads) == 1
     abandoned = iter(loader)  # a new iteration closes the one still open (`again`) before it starts
@@ -127,7 +127,7 @@ def test_an_error_in_a_thread_reaches_the_consumer(loaders, monkeypatch, where):
     with pytest.raises(ValueError, match=f"broken {where} on the second batch"):
         for views in loader:
             received.append(views.index.tolist())
-    assert len(received) == 1 and loader.state_dict() == {"epoch": 0, "position": 1}
+    assert len(received) == 1 and loader.state_dict() == {"epoch": 0, "samples": 4}
     assert pipeline_threads() == []
 
 

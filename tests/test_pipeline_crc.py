@@ -103,11 +103,11 @@ def test_loader_bookkeeping_when_a_batch_is_lost_whole(beton, recipe, tmp_path):
         assert [b.tolist() for b in loader.epoch_batches(0)] == [[9, 2, 7, 4], [5, 11, 0, 3], [6, 10, 8, 1]]
         iterator = iter(loader)
         first = next(iterator)
-        assert first.index.tolist() == [5, 11, 0, 3] and loader.state_dict() == {"epoch": 0, "position": 2}
+        assert first.index.tolist() == [5, 11, 0, 3] and loader.state_dict() == {"epoch": 0, "samples": 8}
         assert loader.skipped == 4
         last = next(iterator)
         assert last.index.tolist() == [6, 10, 1] and loader.skipped == 5
-        assert next(iterator, None) is None and loader.state_dict() == {"epoch": 1, "position": 0}
+        assert next(iterator, None) is None and loader.state_dict() == {"epoch": 1, "samples": 0}
         loader.load_state_dict({"epoch": 0, "position": 1})  # a resume after the lost batch: nothing recounted
         assert [v.index.tolist() for v in loader] == [[5, 11, 0, 3], [6, 10, 1]] and loader.skipped == 6
 

@@ -94,7 +94,7 @@ def test_resume_continues_a_compatible_relaunch_and_lists_what_changed(tmp_path)
 
 
 @pytest.mark.parametrize("key, value", [("model.num_heads", 4), ("model.depth", 3), ("recipe.mean", [0.4, 0.5, 0.5]),
-                                        ("deepspeed.zero_stage", 3)])
+                                        ("deepspeed.bf16", False)])
 def test_an_incompatible_relaunch_is_refused_naming_each_key_and_both_values(tmp_path, key, value):
     make_run(tmp_path / "run")
     before = snapshot(tmp_path / "run")
@@ -121,11 +121,16 @@ def test_the_checkpoints_own_config_wins_over_the_run_folders(tmp_path):
     assert prepare(tmp_path / "run").checkpoint == checkpoint
 
 
-def test_another_world_size_is_refused_with_the_sizes(tmp_path):
-    make_run(tmp_path / "run", ranks=2)
-    with pytest.raises(RunFolderError, match="written by 2 ranks and this launch has 1; relaunch with 2 ranks"):
-        prepare(tmp_path / "run", world_size=1)
-    assert prepare(tmp_path / "run", world_size=2).checkpoint is not None
+def test_another_world_size_is_a_resize_that_keeps_the_global_batch(tmp_path):
+    """Issue 21 (tests/test_resize.py has the rest): 2 ranks of 4 resume as 1 rank of 8; the same world
+    size is no resize."""
+    config = {**CONFIG, "data": {"batch_size": 4}}
+    make_run(tmp_path / "run", ranks=2, config=config)
+    plan = prepare(tmp_path / "run", config, world_size=1)
+    assert plan.checkpoint is not None and plan.batch_size == 8 and plan.changed == {}
+    assert (plan.resize.world_size_from, plan.resize.world_size, plan.resize.global_batch) == (2, 1, 8)
+    same = prepare(tmp_path / "run", config, world_size=2)
+    assert same.resize is None and same.batch_size == 4
 
 
 def test_metrics_without_a_checkpoint_are_not_silently_appended_to(tmp_path):

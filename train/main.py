@@ -168,7 +168,7 @@ def build_run(cfg, device, benchmark_steps: int = 0, warmup_steps: int = 5):
 
     from model import SSLModel, build_losses, count_step_flops
     from pipeline.loader import build_loader
-    from train.checkpoint import load_checkpoint, restore_rng
+    from train.checkpoint import load_checkpoint, reseed_rng, restore_rng
     from train.collapse import CollapseMonitor
     from train.config import save_config
     from train.engine import build_student_engine, init_distributed, make_teacher
@@ -185,6 +185,12 @@ def build_run(cfg, device, benchmark_steps: int = 0, warmup_steps: int = 5):
         device = torch.device("cuda", torch.cuda.current_device())
     run_dir = Path(cfg.run_dir)
     plan, lock = claim_run_folder(cfg, rank, world_size, benchmark_steps)  # before anything is written
+    if plan.batch_size is not None and plan.batch_size != cfg.data.batch_size:  # a resume keeps its global batch
+        if plan.resize is None:  # (a resize says so in its own line)
+            logger.info("data.batch_size: %d per rank, keeping the global batch of %d that %s trained with (the "
+                        "config says %d; a different global batch is a new run)", plan.batch_size,
+                        plan.batch_size * world_size, plan.checkpoint, cfg.data.batch_size)
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=plan.batch_size))
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DeepSpeed also broadcasts rank 0's)
     loader = build_loader(cfg.data, cfg.recipe, device=device, rank=rank, world_size=world_size, seed=cfg.seed)
     student = SSLModel(cfg.model, cfg.methods)
@@ -204,7 +210,7 @@ def build_run(cfg, device, benchmark_steps: int = 0, warmup_steps: int = 5):
               lock=lock, clip=clip)
     checkpoint, state = plan.checkpoint, None
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, engine=engine, teacher=teacher, losses=losses)
+        state = load_checkpoint(checkpoint, engine=engine, teacher=teacher, losses=losses, resize=plan.resize)
         run.step, run.last_checkpoint, run.last_checkpoint_step = state["step"], checkpoint, state["step"]
         loader.load_state_dict(state["loader"])
     if rank == 0:  # only now: a relaunch that was refused or failed to load leaves the run's config as it was
@@ -217,8 +223,11 @@ def build_run(cfg, device, benchmark_steps: int = 0, warmup_steps: int = 5):
         measured_peak_flops=measured_matmul_flops(device) if benchmark_steps else None,
         views_seconds=loader.take_views_seconds,
     )
-    if state is not None:
-        restore_rng(state["rng"])  # last: nothing may draw from the global RNGs between here and the first step
+    if state is not None:  # last: nothing may draw from the global RNGs between here and the first step
+        if plan.resize is None:
+            restore_rng(state["rng"])
+        else:  # the old ranks' RNG states belong to no new rank
+            reseed_rng(cfg.seed, run.step, rank)
     logger.info("rank %d/%d on %s: %d steps/epoch, %d steps (from %d), global batch %d, peak lr %.3g",
                 rank, world_size, device, len(loader), total_steps, run.step, global_batch, schedules.lr.max())
     return run

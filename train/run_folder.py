@@ -12,11 +12,17 @@ exit 2) and leaves the folder exactly as it was:
   (nothing is deleted).
 - Resuming checks the relaunch against the config the checkpoint was trained with (its `config.yaml`):
   a differing key that the checkpoint cannot continue (`INCOMPATIBLE_KEYS`: the model's shape, width,
-  heads and patch size, the head, which methods are on, the recipe's normalization, bf16, the ZeRO stage)
-  is refused naming every such key with both values; the checkpoint's world size must be this launch's
-  (each rank's loader position and RNG are its own files, and DeepSpeed's optimizer shards are per rank).
-  Other keys may change (a longer schedule, another lr, logging, evaluation sets): the plan lists them
-  and `train.main` logs them in one line.
+  heads and patch size, the head, which methods are on, the recipe's normalization, bf16) is refused
+  naming every such key with both values. Other keys may change (a longer schedule, another lr, logging,
+  evaluation sets): the plan lists them and `train.main` logs them in one line.
+- Another number of ranks or another ZeRO stage than the checkpoint's is a `Resize` (issue 21): the
+  checkpoint is converted to DeepSpeed's universal checkpoint and loaded (`train.checkpoint.universal`).
+  Refused, naming the stage that works: a change of stage DeepSpeed 0.19 cannot convert
+  (`stage_change_refusal`: ZeRO-0 <-> ZeRO-1/2/3 and ZeRO-1/2 <-> ZeRO-3; measured, reasons there).
+- The global batch (`data.batch_size` x ranks) is the checkpoint's on every resume: the plan's
+  `batch_size` is the per-rank batch that keeps it on this launch's ranks (the loader's state is
+  samples of the epoch's global order, the schedules count global steps). A global batch that does not
+  divide over this launch's ranks is refused naming `data.batch_size` and the rank counts that work.
 - `RUN_DIR/config.yaml` is written by the caller only once the checkpoint loaded (`plan.write_config`),
   so a refused or failed relaunch never rewrites the config that later evaluations of the run read.
 
@@ -45,8 +51,15 @@ INCOMPATIBLE_KEYS = (
     "methods.head.out_dim", "methods.head.hidden_dim", "methods.head.bottleneck_dim", "methods.head.num_layers",
     "methods.head.norm_last_layer", "methods.dino.enabled", "methods.adclr.enabled", "methods.selfpatch.enabled",
     "methods.regioncl.enabled", "methods.flsl.enabled", "methods.selfpatch.out_dim", "methods.flsl.out_dim",
-    "recipe.mean", "recipe.std", "deepspeed.bf16", "deepspeed.zero_stage",
+    "recipe.mean", "recipe.std", "deepspeed.bf16",
 )
+# Why DeepSpeed 0.19 cannot carry an optimizer state across these ZeRO stage changes (measured by converting
+# checkpoints of every stage with ds_to_universal and loading them into engines of every stage):
+ZERO0_CANNOT = ("ZeRO-0 keeps its optimizer state whole inside DeepSpeed's model-states file, which DeepSpeed's "
+                "universal-checkpoint converter (ds_to_universal) does not read (it reads the *_optim_states.pt shards of "
+                "ZeRO 1-3), and ZeRO-0's optimizer (FP16_UnfusedOptimizer under bf16) loads no universal checkpoint")
+ZERO3_CANNOT = ("DeepSpeed writes the universal checkpoints of ZeRO-1/2 and of ZeRO-3 in two layouts (zero/optimizer_state.pt "
+                "and the model-states file names differ) and each stage's loader reads only its own")
 
 
 class RunFolderError(ConfigError):
@@ -54,11 +67,38 @@ class RunFolderError(ConfigError):
     `config error:` and exits 2, like every other check made before anything is written)."""
 
 
+@dataclass(frozen=True)
+class Resize:
+    """A resume on another number of ranks or ZeRO stage than the checkpoint's (module doc)."""
+
+    world_size_from: int
+    world_size: int
+    stage_from: int
+    stage: int
+    global_batch: int
+
+    @property
+    def batch_size(self) -> int:
+        """Images per rank that keep the checkpoint's global batch."""
+        return self.global_batch // self.world_size
+
+    @property
+    def converts(self) -> bool:
+        """False for ZeRO-0 -> ZeRO-0: every rank holds the whole optimizer state, which loads as it is."""
+        return not self.stage_from == self.stage == 0
+
+    def describe(self) -> str:
+        return (f"{self.world_size_from} rank{'s' * (self.world_size_from != 1)} under ZeRO-{self.stage_from} -> "
+                f"{self.world_size} rank{'s' * (self.world_size != 1)} under ZeRO-{self.stage}")
+
+
 @dataclass
 class RunFolderPlan:
     checkpoint: Path | None  # the checkpoint to resume from, or None (a fresh run)
     changed: dict[str, tuple] = field(default_factory=dict)  # key -> (the checkpoint's value, this launch's)
     moved_aside: Path | None = None  # where `checkpoint.resume=restart` moved the previous run
+    batch_size: int | None = None  # resuming: the per-rank batch that keeps the checkpoint's global batch
+    resize: Resize | None = None  # resuming on another number of ranks or ZeRO stage
 
 
 def holds_a_run(run_dir: Path) -> bool:
@@ -103,6 +143,17 @@ def checkpoint_world_size(checkpoint: Path) -> int:
     return len(list(Path(checkpoint).glob("rank_*.pt")))
 
 
+def stage_change_refusal(stage_from: int, stage: int) -> str | None:
+    """Why DeepSpeed cannot carry a checkpoint of ZeRO stage `stage_from` into an engine of `stage`, or None."""
+    if stage_from == stage or {stage_from, stage} <= {1, 2}:
+        return None
+    return ZERO0_CANNOT if 0 in (stage_from, stage) else ZERO3_CANNOT
+
+
+def rank_counts_that_divide(global_batch: int) -> list[int]:
+    return [n for n in range(1, global_batch + 1) if global_batch % n == 0]
+
+
 def prepare_run_folder(config_tree: dict, run_dir: str | Path, resume: str, world_size: int,
                        find_checkpoint) -> RunFolderPlan:
     """Decide what this launch does with RUN_DIR (module doc); changes nothing unless resume="restart".
@@ -143,13 +194,40 @@ def prepare_run_folder(config_tree: dict, run_dir: str | Path, resume: str, worl
         raise RunFolderError(
             f"checkpoint.resume: {checkpoint} cannot continue this config ({listed}); relaunch with the run's own "
             f"config ({checkpoint.parent.parent / 'config.yaml'}), or choose a new run_dir")
-    ranks = checkpoint_world_size(checkpoint)
-    if ranks and ranks != world_size:
+    return _resume_plan(checkpoint, saved or {}, config_tree, changes, world_size)
+
+
+def _resume_plan(checkpoint: Path, saved: dict, config_tree: dict, changes: dict, world_size: int) -> RunFolderPlan:
+    """The resume of `checkpoint` on `world_size` ranks: the per-rank batch that keeps its global batch and the
+    Resize, if any; refuses a stage change DeepSpeed cannot convert and a global batch that does not divide."""
+    launch, before = flatten(config_tree), flatten(saved)
+    stage = launch.get("deepspeed.zero_stage", 2)
+    stage_from = before.get("deepspeed.zero_stage", stage)
+    cannot = stage_change_refusal(stage_from, stage)
+    if cannot:
         raise RunFolderError(
-            f"checkpoint.resume: {checkpoint} was written by {ranks} ranks and this launch has {world_size}; relaunch "
-            f"with {ranks} ranks (each rank's data position, RNG and optimizer shard are its own files)")
-    ignored = ("checkpoint.resume",)  # how to resume is the launch's own business
-    return RunFolderPlan(checkpoint=checkpoint, changed={k: v for k, v in changes.items() if k not in ignored})
+            f"deepspeed.zero_stage: {checkpoint} was trained under ZeRO-{stage_from} and this launch asks for "
+            f"ZeRO-{stage}, which DeepSpeed cannot convert: {cannot}; relaunch with deepspeed.zero_stage={stage_from} "
+            f"(on any number of ranks)")
+    ranks = checkpoint_world_size(checkpoint) or world_size
+    batch_from = before.get("data.batch_size", launch.get("data.batch_size", 1))
+    global_batch = batch_from * ranks
+    if global_batch % world_size:
+        works = ", ".join(map(str, rank_counts_that_divide(global_batch)))
+        raise RunFolderError(
+            f"data.batch_size: {checkpoint} trained with a global batch of {global_batch} ({batch_from} x {ranks} "
+            f"rank{'s' * (ranks != 1)}), which does not divide over this launch's {world_size} ranks; a resumed run "
+            f"keeps its global batch: relaunch on {works} ranks")
+    batch_size = global_batch // world_size
+    ignored = ["checkpoint.resume"]  # how to resume is the launch's own business
+    if launch.get("data.batch_size") != batch_size:
+        ignored.append("data.batch_size")  # overridden to keep the global batch; train.main says so
+    resize = None
+    if ranks != world_size or stage_from != stage:
+        resize = Resize(world_size_from=ranks, world_size=world_size, stage_from=stage_from, stage=stage,
+                        global_batch=global_batch)
+    return RunFolderPlan(checkpoint=checkpoint, changed={k: v for k, v in changes.items() if k not in ignored},
+                         batch_size=batch_size, resize=resize)
 
 
 def _saved_config(checkpoint: Path) -> dict | None:

@@ -7,8 +7,11 @@ Layout under RUN_DIR/checkpoints/:
         engine/...         DeepSpeed `save_checkpoint` (student weights, fp32 master weights, AdamW
                            state; one optimizer shard per rank under ZeRO 1-3)
         trainer.pt         teacher, loss modules (centres), step, config (rank 0)
-        rank_00000.pt      this rank's RNG states (python, numpy, torch CPU, CUDA) and loader position
+        rank_00000.pt      this rank's RNG states (python, numpy, torch CPU, CUDA) and the loader's state
+                           ({"epoch", "samples"}: samples of the epoch's global order, alike on every rank)
         COMPLETE           written last, before the rename
+        universal/         only after a resume on another world size or ZeRO stage: DeepSpeed's universal
+                           checkpoint of engine/ (`universal`), made once, by one rename
 
 Atomicity: everything goes to `.tmp-step_...` first; once every rank has written its files, rank 0
 fsyncs them, writes COMPLETE, renames the folder to its final name, fsyncs the parent, and only then
@@ -29,11 +32,12 @@ checkpoints); every rank writes its own files, rank 0 alone renames and prunes.
 
 Modules: `layout` (names, `latest`, finding a checkpoint to resume), `files` (durable atomic writes and
 their one-line failures), `save` (the collective save and its phases), `resume` (loading a checkpoint
-back, RNG states). The names below are the package's API.
+back, RNG states), `universal` (the conversion a resume on another world size or ZeRO stage loads). The
+names below are the package's API.
 """
 from train.checkpoint.layout import LATEST, checkpoint_name, find_checkpoint, list_checkpoints
-from train.checkpoint.resume import CheckpointReadError, load_checkpoint, restore_rng, rng_states
+from train.checkpoint.resume import CheckpointReadError, load_checkpoint, reseed_rng, restore_rng, rng_states
 from train.checkpoint.save import CheckpointWriteError, save_checkpoint
 
 __all__ = ["LATEST", "CheckpointReadError", "CheckpointWriteError", "checkpoint_name", "find_checkpoint", "list_checkpoints", "load_checkpoint",
-           "restore_rng", "rng_states", "save_checkpoint"]
+           "reseed_rng", "restore_rng", "rng_states", "save_checkpoint"]
