@@ -10,7 +10,13 @@ trains to step 8:
 | 2 ranks, ZeRO-2      | 3 ranks, ZeRO-2      | 2 -> 3 ranks; ds_to_universal conversion                    |
 | 2 ranks, ZeRO-2      | 1 rank, ZeRO-1       | 2 -> 1 rank and a ZeRO stage change; reuses the conversion  |
 | 2 ranks, ZeRO-0      | 1 rank, ZeRO-0       | 2 -> 1 rank under ZeRO-0 (loaded as is: nothing to convert) |
+| 2 ranks, ZeRO-0      | 3 ranks, ZeRO-0      | 2 -> 3 ranks under ZeRO-0                                   |
 | 1 rank, ZeRO-3       | 2 ranks, ZeRO-3      | 1 -> 2 ranks under ZeRO-3                                   |
+| 2 ranks, ZeRO-3      | 1 rank, ZeRO-3       | 2 -> 1 rank under ZeRO-3 (a node lost)                      |
+
+Not run, to keep the suite short: 1 -> 2 under ZeRO-0 and ZeRO-2, 2 -> 3 under ZeRO-3. Each direction appears
+under two stages and each stage under two directions; the loader's share-out does not depend on the stage
+and DeepSpeed's conversion not on the direction (the fast loader tests below cover 1 -> 2 and 3 -> 1 too).
 
 Every run records, per rank and step, the sample ids it trained on and one draw of the global torch RNG
 at the step's start (taken under `fork_rng`, so the training is untouched). Checked for each resized run:
@@ -22,8 +28,8 @@ step-to-step noise; and the one log line.
 The tolerance (measured 2026-12-05 on this 2-core box, CPU, gloo): in the uninterrupted references the median
 absolute change of the logged loss from one step to the next is 0.22-0.26 (steps 1-8). A resized run trains
 the same samples with other views (the views seed is per rank) and other drop-path draws; that moved its
-steps 3-8 by 0.002-0.27 against the reference (the largest gap per run 0.17, 0.18, 0.20 and 0.27, i.e.
-0.7-1.1 times that run's median step-to-step change). The test holds every resumed step within
+steps 3-8 by 0.002-0.27 against the reference (the largest gap per run 0.17-0.27, i.e. 0.7-1.1 times that
+run's median step-to-step change; the ZeRO-0 2 -> 3 and ZeRO-3 2 -> 1 runs added later: 0.24 and 0.17). The test holds every resumed step within
 NOISE_MULTIPLE = 1.5 times the reference's median step-to-step change. The training state itself is held
 exactly: before the first resumed step every new rank has the reference's fp32 master weights, Adam moments
 and step, teacher and centres (sums over every element, to 1e-9 relative: only the summation order differs).
@@ -154,8 +160,9 @@ def reseeded_draw(seed: int, step: int, rank: int) -> float:
         return torch.rand(1).item()
 
 
-REFERENCES = {"z2": (2, 2), "z0": (2, 0), "z3": (1, 3)}  # name -> (ranks, ZeRO stage)
-RESIZES = {"2to3_z2": ("z2", 3, 2), "2to1_z2to1": ("z2", 1, 1), "2to1_z0": ("z0", 1, 0), "1to2_z3": ("z3", 2, 3)}
+REFERENCES = {"z2": (2, 2), "z0": (2, 0), "z3": (1, 3), "z3_2": (2, 3)}  # name -> (ranks, ZeRO stage)
+RESIZES = {"2to3_z2": ("z2", 3, 2), "2to1_z2to1": ("z2", 1, 1), "2to1_z0": ("z0", 1, 0), "2to3_z0": ("z0", 3, 0),
+           "1to2_z3": ("z3", 2, 3), "2to1_z3": ("z3_2", 1, 3)}
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +257,7 @@ def test_one_log_line_says_what_was_converted_from_which_to_which(runs, name):
     assert (f"resized step_{RESUME_STEP:08d}: {ranks_from} {plural[ranks_from]} under ZeRO-{stage_from} -> "
             f"{ranks} {plural[ranks]} under ZeRO-{stage}: ") in lines[0]
     assert f"global batch {GLOBAL_BATCH} kept ({GLOBAL_BATCH // ranks} per rank)" in lines[0]
-    if name == "2to1_z0":
+    if stage_from == stage == 0:
         assert "nothing to convert" in lines[0]
     elif name == "2to1_z2to1":  # the second resize of the ZeRO-2 reference's step 2
         assert "loaded the universal checkpoint converted earlier (step_00000002/universal)" in lines[0]
@@ -261,7 +268,7 @@ def test_one_log_line_says_what_was_converted_from_which_to_which(runs, name):
 @pytest.mark.slow
 def test_the_conversion_lies_beside_the_checkpoint_and_the_new_checkpoints_are_of_the_new_world(runs):
     root = runs["root"]
-    for reference, has_universal in (("z2", True), ("z3", True), ("z0", False)):
+    for reference, has_universal in (("z2", True), ("z3", True), ("z3_2", True), ("z0", False)):
         step = root / f"ref_{reference}" / "checkpoints" / f"step_{RESUME_STEP:08d}"
         assert (step / "universal" / "engine" / "zero").is_dir() == has_universal
         assert not list(step.glob(".tmp-*"))
