@@ -1,0 +1,164 @@
+"""Mutation testing, one module at a time (issue 25): `python3 benchmarks/mutation/run.py MODULE...`.
+
+For each MODULE (a key of MODULES, e.g. `train/collapse.py`, or `all`) it copies the working tree (tracked and
+untracked-not-ignored files) into `.mutation/<module>/` (git-ignored), narrows pyproject's [tool.mutmut] there
+to that module (only_mutate) and to its relevant tests (MODULES' list), runs `mutmut run` under `nice -n 19`
+with at most --max-children workers, and prints the mutants' counts: killed / survived / timeout / no tests /
+other, and the equivalent ones (named in benchmarks/mutation/EQUIVALENT.md) counted apart from the survivors.
+The survivors' diffs go to `.mutation/<module>/survivors.diff`.
+
+  --keep             reuse the scratch copy's mutmut cache (only changed functions and new tests rerun)
+  --mutants GLOB...  (with --keep) rerun only these mutants, e.g. the survivors after a new test
+  --max-children N   mutmut's parallel workers (default 2: the development machine has 2 cores)
+
+Score = killed (timeouts count as killed, as mutmut's own badge does) / (total - equivalent).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRATCH = ROOT / ".mutation"
+EQUIVALENT = Path(__file__).resolve().parent / "EQUIVALENT.md"
+
+# module -> the tests that exercise it (the per-module run collects stats over these only). Ordered as the issue
+# lists them; loop / checkpoint / loader last (their tests train small models: the slowest modules).
+MODULES: dict[str, list[str]] = {
+    "evaluation/dense.py": ["tests/test_eval_dense.py"],
+    "evaluation/knn.py": ["tests/test_eval.py"],
+    "train/eval_dense.py": ["tests/test_eval_dense.py"],
+    "train/eval_knn.py": ["tests/test_eval.py", "tests/test_arguments.py"],
+    "train/collapse.py": ["tests/test_collapse.py"],
+    "train/telemetry.py": ["tests/test_train_telemetry.py"],
+    "preprocess/mosaics.py": ["tests/test_mosaic.py"],
+    "model/methods/*": ["tests/test_methods_losses.py", "tests/test_methods_dinov2.py"],
+    "pipeline/backends/__init__.py": ["tests/test_backends.py"],
+    "pipeline/backends/source.py": ["tests/test_backends.py"],
+    "train/clipping.py": ["tests/test_clipping.py"],
+    "train/loop.py": ["tests/test_train_engine.py"],
+    "train/checkpoint/*": ["tests/test_checkpoint.py", "tests/test_run_folder.py"],
+    "pipeline/loader.py": ["tests/test_loader.py"],
+}
+
+STATUS = {  # mutmut 3's exit codes (mutmut.stats.status_by_exit_code), grouped as the table reports them
+    1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped", 35: "suspicious",
+    36: "timeout", -24: "timeout", 24: "timeout", 152: "timeout", 255: "timeout", 37: "type check",
+    -11: "segfault", -9: "segfault", None: "not checked",
+}
+
+
+def slug(module: str) -> str:
+    return module.replace("/", "_").replace("*", "all").removesuffix(".py")
+
+
+def equivalents() -> set[str]:
+    """Mutant names listed in EQUIVALENT.md (a line starting `- \\`name\\``)."""
+    if not EQUIVALENT.exists():
+        return set()
+    return set(re.findall(r"^- `([^`]+__mutmut_\d+)`", EQUIVALENT.read_text(), flags=re.M))
+
+
+def copy_tree(dest: Path) -> None:
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           check=True, capture_output=True).stdout.decode().split("\0")
+    for name in filter(None, files):
+        src = ROOT / name
+        if not src.is_file():  # deleted in the work tree
+            continue
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists() or target.stat().st_mtime != src.stat().st_mtime:
+            shutil.copy2(src, target)  # mtimes kept: mutmut regenerates only files newer than their mutants
+
+
+def narrow_config(dest: Path, module: str, tests: list[str]) -> None:
+    """pyproject.toml's [tool.mutmut] with only_mutate = [module] and the module's tests."""
+    text = (ROOT / "pyproject.toml").read_text()
+    head, _, rest = text.partition("\n[tool.mutmut]\n")
+    body, sep, tail = rest.partition("\n[")
+    body = re.sub(r"only_mutate = \[.*?\]\n", f"only_mutate = {json.dumps([module])}\n", body, flags=re.S)
+    body = re.sub(r"pytest_add_cli_args_test_selection = \[.*?\]\n",
+                  f"pytest_add_cli_args_test_selection = {json.dumps(tests)}\n", body, flags=re.S)
+    (dest / "pyproject.toml").write_text(head + "\n[tool.mutmut]\n" + body + sep + tail)
+
+
+def results(dest: Path) -> dict[str, int | None]:
+    out = {}
+    for meta in (dest / "mutants").rglob("*.py.meta"):
+        out.update(json.loads(meta.read_text())["exit_code_by_key"])
+    return out
+
+
+def run_module(module: str, args) -> dict:
+    dest = SCRATCH / slug(module)
+    if not args.keep and dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    copy_tree(dest)
+    narrow_config(dest, module, MODULES[module])
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MUTANT_UNDER_TEST")}
+    command = ["nice", "-n", "19", "mutmut", "run", "--max-children", str(args.max_children), *args.mutants]
+    started = time.time()
+    log = dest / "mutmut.log"
+    with open(log, "w") as f:
+        code = subprocess.run(command, cwd=dest, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+    seconds = time.time() - started
+    by_key = results(dest)
+    equivalent = equivalents() & set(by_key)
+    counts: dict[str, int] = {}
+    for key, code_ in by_key.items():
+        status = "equivalent" if key in equivalent else STATUS.get(code_, "suspicious")
+        counts[status] = counts.get(status, 0) + 1
+    survivors = sorted(k for k, c in by_key.items() if STATUS.get(c) != "killed" and STATUS.get(c) != "timeout"
+                       and k not in equivalent)
+    with open(dest / "survivors.diff", "w") as f:
+        for key in survivors:
+            shown = subprocess.run(["mutmut", "show", key], cwd=dest, env=env, capture_output=True, text=True)
+            f.write(shown.stdout + "\n")
+    total = len(by_key)
+    killed = counts.get("killed", 0) + counts.get("timeout", 0)
+    scored = total - counts.get("equivalent", 0)
+    score = 100.0 * killed / scored if scored else float("nan")
+    summary = dict(module=module, exit=code, minutes=round(seconds / 60, 1), total=total, score=round(score, 1),
+                   **counts, survivors=survivors)
+    if code:
+        print(f"{module}: mutmut exited {code}; see {log.relative_to(ROOT)}", file=sys.stderr)
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("modules", nargs="+", help=f"all, or some of: {', '.join(MODULES)}")
+    parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--mutants", nargs="*", default=[])
+    parser.add_argument("--max-children", type=int, default=2)
+    args = parser.parse_args()
+    modules = list(MODULES) if args.modules == ["all"] else args.modules
+    unknown = [m for m in modules if m not in MODULES]
+    if unknown:
+        parser.error(f"unknown module(s) {unknown}; known: {', '.join(MODULES)}")
+    if args.mutants and not args.keep:
+        parser.error("--mutants reruns mutants of an earlier run: give --keep too")
+    for module in modules:
+        s = run_module(module, args)
+        others = {k: v for k, v in s.items() if k not in ("module", "exit", "minutes", "total", "score", "killed",
+                                                          "survived", "timeout", "equivalent", "survivors")}
+        print(f"{s['module']}: {s['total']} mutants, killed {s.get('killed', 0)}, timeout {s.get('timeout', 0)}, "
+              f"survived {s.get('survived', 0)}, equivalent {s.get('equivalent', 0)}"
+              + "".join(f", {k} {v}" for k, v in others.items())
+              + f"; score {s['score']}% in {s['minutes']} min", flush=True)
+        for name in s["survivors"]:
+            print(f"  {name}")
+        (SCRATCH / slug(module) / "summary.json").write_text(json.dumps(s, indent=1))
+
+
+if __name__ == "__main__":
+    main()
