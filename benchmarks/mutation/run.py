@@ -7,6 +7,8 @@ with at most --max-children workers, and prints the mutants' counts: killed / su
 other, and the equivalent ones (named in benchmarks/mutation/EQUIVALENT.md) counted apart from the survivors.
 The survivors' diffs go to `.mutation/<module>/survivors.diff`.
 
+  --rev REV          mutate the tree of commit REV instead of the working tree (e.g. the figures before a test
+                     commit: `--rev HEAD~1`)
   --keep             reuse the scratch copy's mutmut cache (only changed functions and new tests rerun)
   --mutants GLOB...  (with --keep) rerun only these mutants, e.g. the survivors after a new test
   --max-children N   mutmut's parallel workers (default 2: the development machine has 2 cores)
@@ -66,7 +68,11 @@ def equivalents() -> set[str]:
     return set(re.findall(r"^- `([^`]+__mutmut_\d+)`", EQUIVALENT.read_text(), flags=re.M))
 
 
-def copy_tree(dest: Path) -> None:
+def copy_tree(dest: Path, rev: str | None) -> None:
+    if rev:
+        archive = subprocess.run(["git", "archive", rev], cwd=ROOT, check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+        return
     files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                            check=True, capture_output=True).stdout.decode().split("\0")
     for name in filter(None, files):
@@ -81,7 +87,7 @@ def copy_tree(dest: Path) -> None:
 
 def narrow_config(dest: Path, module: str, tests: list[str]) -> None:
     """pyproject.toml's [tool.mutmut] with only_mutate = [module] and the module's tests."""
-    text = (ROOT / "pyproject.toml").read_text()
+    text = (dest / "pyproject.toml").read_text()
     head, _, rest = text.partition("\n[tool.mutmut]\n")
     body, sep, tail = rest.partition("\n[")
     body = re.sub(r"only_mutate = \[.*?\]\n", f"only_mutate = {json.dumps([module])}\n", body, flags=re.S)
@@ -102,7 +108,7 @@ def run_module(module: str, args) -> dict:
     if not args.keep and dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    copy_tree(dest)
+    copy_tree(dest, args.rev)
     narrow_config(dest, module, MODULES[module])
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MUTANT_UNDER_TEST")}
     command = ["nice", "-n", "19", "mutmut", "run", "--max-children", str(args.max_children), *args.mutants]
@@ -138,6 +144,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("modules", nargs="+", help=f"all, or some of: {', '.join(MODULES)}")
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--rev")
     parser.add_argument("--mutants", nargs="*", default=[])
     parser.add_argument("--max-children", type=int, default=2)
     args = parser.parse_args()
