@@ -34,12 +34,12 @@ EQUIVALENT = Path(__file__).resolve().parent / "EQUIVALENT.md"
 # module -> the tests that exercise it (the per-module run collects stats over these only). Ordered as the issue
 # lists them; loop / checkpoint / loader last (their tests train small models: the slowest modules).
 MODULES: dict[str, list[str]] = {
-    "evaluation/dense.py": ["tests/test_eval_dense.py"],
-    "evaluation/knn.py": ["tests/test_eval.py"],
+    "evaluation/dense.py": ["tests/test_eval_dense.py", "tests/test_dense_paths.py", "-m", "not slow"],
+    "evaluation/knn.py": ["tests/test_eval.py", "tests/test_knn_paths.py", "-m", "not slow"],
     "train/eval_dense.py": ["tests/test_eval_dense.py"],
     "train/eval_knn.py": ["tests/test_eval.py", "tests/test_arguments.py"],
     "train/collapse.py": ["tests/test_collapse.py"],
-    "train/telemetry.py": ["tests/test_train_telemetry.py"],
+    "train/telemetry.py": ["tests/test_train_telemetry.py", "-m", "not slow"],
     "preprocess/mosaics.py": ["tests/test_mosaic.py"],
     "model/methods/*": ["tests/test_methods_losses.py", "tests/test_methods_dinov2.py"],
     "pipeline/backends/__init__.py": ["tests/test_backends.py"],
@@ -49,6 +49,9 @@ MODULES: dict[str, list[str]] = {
     "train/checkpoint/*": ["tests/test_checkpoint.py", "tests/test_run_folder.py"],
     "pipeline/loader.py": ["tests/test_loader.py"],
 }
+# (pytest arguments may follow the files: "-m not slow" leaves out the tests that train a model or start a CLI in a
+# subprocess when the module's own unit tests reach it; the thin CLIs keep them. A listed file missing from the
+# tree being mutated (--rev of a commit before it) is left out.)
 
 STATUS = {  # mutmut 3's exit codes (mutmut.stats.status_by_exit_code), grouped as the table reports them
     1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped", 35: "suspicious",
@@ -109,7 +112,8 @@ def run_module(module: str, args) -> dict:
         shutil.rmtree(dest)
     dest.mkdir(parents=True, exist_ok=True)
     copy_tree(dest, args.rev)
-    narrow_config(dest, module, MODULES[module])
+    tests = [t for t in MODULES[module] if not t.startswith("tests/") or (dest / t).exists()]
+    narrow_config(dest, module, tests)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MUTANT_UNDER_TEST")}
     command = ["nice", "-n", "19", "mutmut", "run", "--max-children", str(args.max_children), *args.mutants]
     started = time.time()
@@ -133,8 +137,11 @@ def run_module(module: str, args) -> dict:
     killed = counts.get("killed", 0) + counts.get("timeout", 0)
     scored = total - counts.get("equivalent", 0)
     score = 100.0 * killed / scored if scored else float("nan")
-    summary = dict(module=module, exit=code, minutes=round(seconds / 60, 1), total=total, score=round(score, 1),
-                   **counts, survivors=survivors)
+    summary = dict(module=module, rev=args.rev or "work tree", mutants=args.mutants and "some" or "all",
+                   exit=code, minutes=round(seconds / 60, 1), total=total, score=round(score, 1), **counts,
+                   tests=tests, survivors=survivors, date=time.strftime("%Y-%m-%d %H:%M"))
+    with open(SCRATCH / "history.jsonl", "a") as f:  # every run's figures, for the before/after table
+        f.write(json.dumps(summary) + "\n")
     if code:
         print(f"{module}: mutmut exited {code}; see {log.relative_to(ROOT)}", file=sys.stderr)
     return summary
@@ -156,8 +163,9 @@ def main() -> None:
         parser.error("--mutants reruns mutants of an earlier run: give --keep too")
     for module in modules:
         s = run_module(module, args)
-        others = {k: v for k, v in s.items() if k not in ("module", "exit", "minutes", "total", "score", "killed",
-                                                          "survived", "timeout", "equivalent", "survivors")}
+        others = {k: v for k, v in s.items() if k not in ("module", "rev", "mutants", "exit", "minutes", "total", "score",
+                                                          "killed", "survived", "timeout", "equivalent", "tests",
+                                                          "survivors", "date")}
         print(f"{s['module']}: {s['total']} mutants, killed {s.get('killed', 0)}, timeout {s.get('timeout', 0)}, "
               f"survived {s.get('survived', 0)}, equivalent {s.get('equivalent', 0)}"
               + "".join(f", {k} {v}" for k, v in others.items())
