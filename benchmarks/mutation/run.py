@@ -89,14 +89,21 @@ def copy_tree(dest: Path, rev: str | None) -> None:
 
 
 def narrow_config(dest: Path, module: str, tests: list[str]) -> None:
-    """pyproject.toml's [tool.mutmut] with only_mutate = [module] and the module's tests."""
-    text = (dest / "pyproject.toml").read_text()
-    head, _, rest = text.partition("\n[tool.mutmut]\n")
-    body, sep, tail = rest.partition("\n[")
+    """The work tree's [tool.mutmut] (also for --rev: the tool's settings are not the code under test) with
+    only_mutate = [module] and the module's tests, in the scratch copy's pyproject.toml."""
+    def split(text: str) -> tuple[str, str, str]:
+        head, found, rest = text.partition("\n[tool.mutmut]\n")
+        if not found:
+            return text, "", ""
+        body, sep, tail = rest.partition("\n[")
+        return head, body, sep + tail
+
+    _, body, _ = split((ROOT / "pyproject.toml").read_text())
+    head, _, tail = split((dest / "pyproject.toml").read_text())
     body = re.sub(r"only_mutate = \[.*?\]\n", f"only_mutate = {json.dumps([module])}\n", body, flags=re.S)
     body = re.sub(r"pytest_add_cli_args_test_selection = \[.*?\]\n",
                   f"pytest_add_cli_args_test_selection = {json.dumps(tests)}\n", body, flags=re.S)
-    (dest / "pyproject.toml").write_text(head + "\n[tool.mutmut]\n" + body + sep + tail)
+    (dest / "pyproject.toml").write_text(head + "\n[tool.mutmut]\n" + body + tail)
 
 
 def results(dest: Path) -> dict[str, int | None]:
