@@ -44,7 +44,7 @@ MODULES: dict[str, list[str]] = {
     "model/methods/*": ["tests/test_methods_losses.py", "tests/test_methods_dinov2.py"],
     "pipeline/backends/__init__.py": ["tests/test_backends.py"],
     "pipeline/backends/source.py": ["tests/test_backends.py"],
-    "train/clipping.py": ["tests/test_clipping.py"],
+    "train/clipping.py": ["tests/test_clipping.py", "tests/test_clipping_paths.py"],
     "train/loop.py": ["tests/test_train_engine.py"],
     "train/checkpoint/*": ["tests/test_checkpoint.py", "tests/test_run_folder.py"],
     "pipeline/loader.py": ["tests/test_loader.py"],
