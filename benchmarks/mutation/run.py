@@ -35,7 +35,7 @@ EQUIVALENT = Path(__file__).resolve().parent / "EQUIVALENT.md"
 # lists them; loop / checkpoint / loader last (their tests train small models: the slowest modules).
 MODULES: dict[str, list[str]] = {
     "evaluation/dense.py": ["tests/test_eval_dense.py", "tests/test_dense_paths.py", "-m", "not slow"],
-    "evaluation/knn.py": ["tests/test_eval.py", "tests/test_knn_paths.py", "-m", "not slow"],
+    "evaluation/knn.py": ["tests/test_eval.py", "tests/test_knn_paths.py", "-m", "not slow", "-k", "not clis"],
     "train/eval_dense.py": ["tests/test_eval_dense.py"],
     "train/eval_knn.py": ["tests/test_eval.py", "tests/test_arguments.py"],
     "train/collapse.py": ["tests/test_collapse.py"],
