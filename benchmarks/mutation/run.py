@@ -42,7 +42,7 @@ MODULES: dict[str, list[str]] = {
     "train/telemetry.py": ["tests/test_train_telemetry.py", "tests/test_telemetry_figures.py", "-m", "not slow"],
     "preprocess/mosaics.py": ["tests/test_mosaic.py"],
     "model/methods/*": ["tests/test_methods_losses.py", "tests/test_methods_dinov2.py"],
-    "pipeline/backends/__init__.py": ["tests/test_backends.py"],
+    "pipeline/backends/__init__.py": ["tests/test_backends.py", "tests/test_pipeline_nodali.py", "tests/test_prefetch.py"],
     "pipeline/backends/source.py": ["tests/test_backends.py"],
     "train/clipping.py": ["tests/test_clipping.py", "tests/test_clipping_paths.py"],
     "train/loop.py": ["tests/test_train_engine.py"],
