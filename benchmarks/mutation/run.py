@@ -43,7 +43,7 @@ MODULES: dict[str, list[str]] = {
     "preprocess/mosaics.py": ["tests/test_mosaic.py"],
     "model/methods/*": ["tests/test_methods_losses.py", "tests/test_methods_dinov2.py"],
     "pipeline/backends/__init__.py": ["tests/test_backends.py", "tests/test_pipeline_nodali.py", "tests/test_prefetch.py"],
-    "pipeline/backends/source.py": ["tests/test_backends.py"],
+    "pipeline/backends/source.py": ["tests/test_backends.py", "tests/test_source_paths.py"],
     "train/clipping.py": ["tests/test_clipping.py", "tests/test_clipping_paths.py"],
     "train/loop.py": ["tests/test_train_engine.py"],
     "train/checkpoint/*": ["tests/test_checkpoint.py", "tests/test_run_folder.py"],
