@@ -146,7 +146,8 @@ def run_module(module: str, args) -> dict:
     score = 100.0 * killed / scored if scored else float("nan")
     summary = dict(module=module, rev=args.rev or "work tree", mutants=args.mutants and "some" or "all",
                    exit=code, minutes=round(seconds / 60, 1), total=total, score=round(score, 1), **counts,
-                   tests=tests, survivors=survivors, date=time.strftime("%Y-%m-%d %H:%M"))
+                   tests=tests, survivors=survivors, date=time.strftime("%Y-%m-%d %H:%M"),
+                   timeouts=sorted(k for k, c in by_key.items() if STATUS.get(c) == "timeout"))
     with open(SCRATCH / "history.jsonl", "a") as f:  # every run's figures, for the before/after table
         f.write(json.dumps(summary) + "\n")
     if code:
@@ -172,7 +173,7 @@ def main() -> None:
         s = run_module(module, args)
         others = {k: v for k, v in s.items() if k not in ("module", "rev", "mutants", "exit", "minutes", "total", "score",
                                                           "killed", "survived", "timeout", "equivalent", "tests",
-                                                          "survivors", "date")}
+                                                          "survivors", "date", "timeouts")}
         print(f"{s['module']}: {s['total']} mutants, killed {s.get('killed', 0)}, timeout {s.get('timeout', 0)}, "
               f"survived {s.get('survived', 0)}, equivalent {s.get('equivalent', 0)}"
               + "".join(f", {k} {v}" for k, v in others.items())
