@@ -136,10 +136,14 @@ def run_module(module: str, args) -> dict:
         counts[status] = counts.get(status, 0) + 1
     survivors = sorted(k for k, c in by_key.items() if STATUS.get(c) != "killed" and STATUS.get(c) != "timeout"
                        and k not in equivalent)
-    with open(dest / "survivors.diff", "w") as f:
-        for key in survivors:
-            shown = subprocess.run(["mutmut", "show", key], cwd=dest, env=env, capture_output=True, text=True)
-            f.write(shown.stdout + "\n")
+    show = ("import sys\nfrom mutmut.__main__ import status_by_exit_code\n"
+            "from mutmut.mutation.diff_apply import find_mutant, get_diff_for_mutant\n"
+            "for name in sys.argv[1:]:\n"
+            "    m = find_mutant(name)\n"
+            "    print(f'# {name}: {status_by_exit_code[m.exit_code_by_key[name]]}')\n"
+            "    print(get_diff_for_mutant(name, path=m.path))\n")
+    shown = subprocess.run([sys.executable, "-c", show, *survivors], cwd=dest, env=env, capture_output=True, text=True)
+    (dest / "survivors.diff").write_text(shown.stdout + shown.stderr[-2000:] * (shown.returncode != 0))
     total = len(by_key)
     killed = counts.get("killed", 0) + counts.get("timeout", 0)
     scored = total - counts.get("equivalent", 0)
