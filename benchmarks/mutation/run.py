@@ -9,8 +9,14 @@ The survivors' diffs go to `.mutation/<module>/survivors.diff`.
 
   --rev REV          mutate the tree of commit REV instead of the working tree (e.g. the figures before a test
                      commit: `--rev HEAD~1`)
-  --keep             reuse the scratch copy's mutmut cache (only changed functions and new tests rerun)
-  --mutants GLOB...  (with --keep) rerun only these mutants, e.g. the survivors after a new test
+  --retest           the figures after new tests without rerunning what is already killed: on the scratch copy of
+                     an earlier run (e.g. `--rev` of the commit before the tests), bring in the work tree, forget
+                     the verdicts that are not kills (survived, no tests, suspicious, segfault) and run mutmut
+                     again: it reruns those, every mutant of a function whose source changed, and collects
+                     coverage for the new tests only. A killed mutant stays killed: the tests that killed it
+                     are still there (tests are only added or sharpened).
+  --keep             reuse the scratch copy's mutmut results as they are (with --mutants: rerun just those)
+  --mutants GLOB...  (with --keep) rerun only these mutants
   --max-children N   mutmut's parallel workers (default 2: the development machine has 2 cores)
 
 Score = killed (timeouts count as killed, as mutmut's own badge does) / (total - equivalent).
@@ -18,6 +24,8 @@ Score = killed (timeouts count as killed, as mutmut's own badge does) / (total -
 from __future__ import annotations
 
 import argparse
+import filecmp
+import hashlib
 import json
 import os
 import re
@@ -71,21 +79,46 @@ def equivalents() -> set[str]:
     return set(re.findall(r"^- `([^`]+__mutmut_\d+)`", EQUIVALENT.read_text(), flags=re.M))
 
 
-def copy_tree(dest: Path, rev: str | None) -> None:
+def copy_tree(dest: Path, rev: str | None) -> list[str]:
+    """Copy the tree of `rev` (or the work tree) into `dest`; returns the files whose content changed there."""
     if rev:
         archive = subprocess.run(["git", "archive", rev], cwd=ROOT, check=True, capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
-        return
+        return []
     files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                            check=True, capture_output=True).stdout.decode().split("\0")
+    changed = []
     for name in filter(None, files):
         src = ROOT / name
         if not src.is_file():  # deleted in the work tree
             continue
         target = dest / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        if not target.exists() or target.stat().st_mtime != src.stat().st_mtime:
-            shutil.copy2(src, target)  # mtimes kept: mutmut regenerates only files newer than their mutants
+        if not target.exists() or not filecmp.cmp(src, target, shallow=False):
+            shutil.copyfile(src, target)  # a fresh mtime: newer than any mutant made from the old content
+            changed.append(name)
+    return changed
+
+
+def forget_non_kills(dest: Path, changed: list[str], tests: list[str]) -> None:
+    """--retest: drop mutmut's copies of the changed sources (mutmut then copies them again, or makes their mutants
+    again, keeping the verdicts of functions whose source is unchanged), set the verdicts that are not kills to
+    "not checked", and store the new test selection's fingerprint, so that mutmut adds the new tests' coverage
+    instead of resetting every verdict."""
+    mutants = dest / "mutants"
+    for name in changed:
+        if name.endswith(".py") and (mutants / name).exists() and not name.startswith("tests/"):
+            (mutants / name).unlink()
+    for meta in mutants.rglob("*.py.meta"):
+        data = json.loads(meta.read_text())
+        data["exit_code_by_key"] = {k: (v if STATUS.get(v) in ("killed", "timeout") else None)
+                                    for k, v in data["exit_code_by_key"].items()}
+        meta.write_text(json.dumps(data))
+    stats = mutants / "mutmut-stats.json"
+    if stats.exists():
+        data = json.loads(stats.read_text())
+        data["config_fingerprint"]["test_selection"] = hashlib.sha256(repr(tuple(tests)).encode()).hexdigest()[:12]
+        stats.write_text(json.dumps(data))
 
 
 def narrow_config(dest: Path, module: str, tests: list[str]) -> None:
@@ -115,12 +148,14 @@ def results(dest: Path) -> dict[str, int | None]:
 
 def run_module(module: str, args) -> dict:
     dest = SCRATCH / slug(module)
-    if not args.keep and dest.exists():
+    if not (args.keep or args.retest) and dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    copy_tree(dest, args.rev)
+    changed = copy_tree(dest, args.rev)
     tests = [t for t in MODULES[module] if not t.startswith("tests/") or (dest / t).exists()]
     narrow_config(dest, module, tests)
+    if args.retest:
+        forget_non_kills(dest, changed, tests)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MUTANT_UNDER_TEST")}
     command = ["nice", "-n", "19", "mutmut", "run", "--max-children", str(args.max_children), *args.mutants]
     started = time.time()
@@ -148,7 +183,8 @@ def run_module(module: str, args) -> dict:
     killed = counts.get("killed", 0) + counts.get("timeout", 0)
     scored = total - counts.get("equivalent", 0)
     score = 100.0 * killed / scored if scored else float("nan")
-    summary = dict(module=module, rev=args.rev or "work tree", mutants=args.mutants and "some" or "all",
+    kind = "retest" if args.retest else ("some" if args.mutants else "all")
+    summary = dict(module=module, rev=args.rev or git_head(), mutants=kind,
                    exit=code, minutes=round(seconds / 60, 1), total=total, score=round(score, 1), **counts,
                    tests=tests, survivors=survivors, date=time.strftime("%Y-%m-%d %H:%M"),
                    timeouts=sorted(k for k, c in by_key.items() if STATUS.get(c) == "timeout"))
@@ -159,10 +195,18 @@ def run_module(module: str, args) -> dict:
     return summary
 
 
+def git_head() -> str:
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
+    return head + ("+changes" if dirty else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("modules", nargs="+", help=f"all, or some of: {', '.join(MODULES)}")
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--retest", action="store_true")
     parser.add_argument("--rev")
     parser.add_argument("--mutants", nargs="*", default=[])
     parser.add_argument("--max-children", type=int, default=2)
