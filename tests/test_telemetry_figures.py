@@ -204,9 +204,11 @@ def test_the_bar_only_on_a_terminal_when_asked(clock, tmp_path, monkeypatch, cap
     telemetry.advance()
     telemetry.advance()
     clock.now += 1.0
+    drawn = terminal.getvalue()
     with caplog.at_level(logging.INFO, logger="train.telemetry"):
         telemetry.log_step(12, 0.12, {"loss": 0.25}, SCHEDULE, {})
     assert caplog.messages == []  # the bar replaces the log line
+    assert terminal.getvalue() == drawn  # the new figures show at the bar's next update, no extra redraw
     assert telemetry.bar.n == 12 and telemetry.bar.postfix == "img_s=128.0, loss=0.2500, lr=1.25e-04"
     telemetry.close()
     assert telemetry.bar.disable or telemetry.bar.last_print_n >= 0
