@@ -44,8 +44,8 @@ EQUIVALENT = Path(__file__).resolve().parent / "EQUIVALENT.md"
 MODULES: dict[str, list[str]] = {
     "evaluation/dense.py": ["tests/test_eval_dense.py", "tests/test_dense_paths.py", "-m", "not slow"],
     "evaluation/knn.py": ["tests/test_eval.py", "tests/test_knn_paths.py", "-m", "not slow", "-k", "not clis"],
-    "train/eval_dense.py": ["tests/test_eval_dense.py"],
-    "train/eval_knn.py": ["tests/test_eval.py", "tests/test_arguments.py"],
+    "train/eval_dense.py": ["tests/test_eval_dense.py", "tests/test_eval_cli_wiring.py"],
+    "train/eval_knn.py": ["tests/test_eval.py", "tests/test_arguments.py", "tests/test_eval_cli_wiring.py"],
     "train/collapse.py": ["tests/test_collapse.py"],
     "train/telemetry.py": ["tests/test_train_telemetry.py", "tests/test_telemetry_figures.py", "-m", "not slow"],
     "preprocess/mosaics.py": ["tests/test_mosaic.py", "tests/test_mosaic_bounds.py"],
