@@ -18,6 +18,8 @@ The survivors' diffs go to `.mutation/<module>/survivors.diff`.
   --keep             reuse the scratch copy's mutmut results as they are (with --mutants: rerun just those)
   --mutants GLOB...  (with --keep) rerun only these mutants
   --max-children N   mutmut's parallel workers (default 2: the development machine has 2 cores)
+  --table            print the before/after table of .mutation/history.jsonl (before: the first full run of a
+                     module at a --rev; after: its latest run on the work tree) and exit
 
 Score = killed (timeouts count as killed, as mutmut's own badge does) / (total - equivalent).
 """
@@ -202,15 +204,46 @@ def git_head() -> str:
     return head + ("+changes" if dirty else "")
 
 
+def table() -> str:
+    """Markdown rows: module, tests, mutants, before killed/survived (score), after killed/survived/equivalent (score),
+    minutes of the before run."""
+    runs = [json.loads(line) for line in (SCRATCH / "history.jsonl").read_text().splitlines() if line.strip()]
+    rows = ["| module | mutants | before: killed / not killed (score) | after: killed / not killed / equivalent "
+            "(score) | minutes (full run) |", "|---|---|---|---|---|"]
+    for module in MODULES:
+        mine = [r for r in runs if r["module"] == module]
+        before = next((r for r in mine if r.get("mutants") == "all" and r.get("rev") and "+" not in r["rev"]
+                       and r["rev"] not in ("work tree",)), None)
+        after = next((r for r in reversed(mine) if r is not before), None)
+        if before is None:
+            continue
+
+        def figures(r, with_equivalent=False):
+            killed = r.get("killed", 0) + r.get("timeout", 0)
+            equivalent = r.get("equivalent", 0)
+            other = r["total"] - killed - equivalent
+            scored = r["total"] - equivalent
+            text = f"{killed} / {other}" + (f" / {equivalent}" if with_equivalent else "")
+            return text + f" ({100 * killed / scored:.1f}%)"
+
+        rows.append(f"| {module} | {before['total']} | {figures(before)} | "
+                    f"{figures(after, True) if after else 'not yet'} | {before.get('minutes', '')} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("modules", nargs="+", help=f"all, or some of: {', '.join(MODULES)}")
+    parser.add_argument("modules", nargs="*", help=f"all, or some of: {', '.join(MODULES)}")
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--retest", action="store_true")
     parser.add_argument("--rev")
     parser.add_argument("--mutants", nargs="*", default=[])
     parser.add_argument("--max-children", type=int, default=2)
+    parser.add_argument("--table", action="store_true")
     args = parser.parse_args()
+    if args.table:
+        print(table())
+        return
     modules = list(MODULES) if args.modules == ["all"] else args.modules
     unknown = [m for m in modules if m not in MODULES]
     if unknown:
