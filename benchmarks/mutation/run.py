@@ -56,8 +56,8 @@ MODULES: dict[str, list[str]] = {
     "pipeline/backends/source.py": ["tests/test_backends.py", "tests/test_source_paths.py"],
     "train/clipping.py": ["tests/test_clipping.py", "tests/test_clipping_paths.py"],
     "train/loop.py": ["tests/test_train_engine.py"],
-    "train/checkpoint/*": ["tests/test_checkpoint.py", "tests/test_run_folder.py"],
-    "pipeline/loader.py": ["tests/test_loader.py"],
+    "train/checkpoint/*": ["tests/test_checkpoint.py", "tests/test_run_folder.py", "tests/test_checkpoint_ordering.py", "-m", "not slow"],
+    "pipeline/loader.py": ["tests/test_loader.py", "tests/test_loader_bounds.py", "-m", "not slow"],
 }
 # (pytest arguments may follow the files: "-m not slow" leaves out the tests that train a model or start a CLI in a
 # subprocess when the module's own unit tests reach it; the thin CLIs keep them. A listed file missing from the
