@@ -51,7 +51,7 @@ MODULES: dict[str, list[str]] = {
     "train/collapse.py": ["tests/test_collapse.py"],
     "train/telemetry.py": ["tests/test_train_telemetry.py", "tests/test_telemetry_figures.py", "-m", "not slow"],
     "preprocess/mosaics.py": ["tests/test_mosaic.py", "tests/test_mosaic_bounds.py"],
-    "model/methods/*": ["tests/test_methods_losses.py", "tests/test_methods_dinov2.py"],
+    "model/methods/*": ["tests/test_methods_losses.py", "tests/test_methods_dinov2.py", "tests/test_methods_configs.py"],
     "pipeline/backends/__init__.py": ["tests/test_backends.py", "tests/test_pipeline_nodali.py", "tests/test_prefetch.py"],
     "pipeline/backends/source.py": ["tests/test_backends.py", "tests/test_source_paths.py"],
     "train/clipping.py": ["tests/test_clipping.py", "tests/test_clipping_paths.py"],
