@@ -4,6 +4,8 @@ ties and on empty mosaics, the 255-class limit, the spec's limits and messages w
 check at equality and its figures."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -125,3 +127,111 @@ def test_open_idx_names_a_missing_or_wrong_source(tmp_path):
     with pytest.raises(SourceError) as not_a_folder:
         _open_idx(tmp_path / "file", "train")
     assert str(not_a_folder.value).endswith("train-* and t10k-* files)")
+
+
+def test_gigabyte_figures_at_scale():
+    assert _gigabytes(10**17) == "100,000,000.0 GB"  # the divisor is exactly 1e9
+
+
+def test_paint_and_record_labels_have_their_dtypes():
+    spec = MosaicSpec(size=4, min_items=1, max_items=1, min_side=4, max_side=4)
+    canvas, mask = paint(np.stack([solid(100)]), [Placement(0, 0, 0, 0, 4)], spec)
+    assert canvas.dtype == mask.dtype == np.uint8
+    mosaics = make_mosaics(np.stack([solid(3)]), np.array([0]), 2, spec, seed=0)
+    assert mosaics.labels.dtype == np.int64 and mosaics.labels.tolist() == [-1, -1]
+
+
+def test_no_items_and_no_mosaics_is_an_empty_set():
+    spec = MosaicSpec(size=4, min_items=1, max_items=1, min_side=4, max_side=4)
+    empty = make_mosaics(np.zeros((0, 4, 4), np.uint8), np.zeros(0, np.int64), 0, spec, seed=0)
+    assert empty.canvases.shape == (0, 4, 4) and empty.labels.shape == (0,) and empty.placements == []
+
+
+class Dataset:
+    def __init__(self, path, manifest, count=2, side=4):
+        self.path, self.manifest = path, manifest
+        self.heights, self.widths, self.count = np.full(count, side), np.full(count, side), count
+
+    def __len__(self):
+        return self.count
+
+
+def test_check_masks_of_a_background_only_set(monkeypatch):
+    import preprocess.mosaics as mosaics
+
+    from preprocess.mosaics import check_masks
+
+    monkeypatch.setattr(mosaics, "read_masks", lambda dataset: np.zeros((2, 4, 4), np.uint8))
+    assert check_masks(Dataset(Path("s.beton"), {"mask_classes": ["background"]})) == []
+    monkeypatch.setattr(mosaics, "read_masks", lambda dataset: np.full((2, 4, 4), 3, np.uint8))
+    assert check_masks(Dataset(Path("s.beton"), {"mask_classes": ["background", "a", "b"]})) == [
+        "s.masks.npy: mask value 3 outside its 3 mask_classes"]
+    assert check_masks(Dataset(Path("s.beton"), {"mask_classes": ["background", "a", "b", "c"]})) == []
+
+
+def test_read_masks_is_a_read_only_memmap_and_refuses_other_dtypes(tmp_path):
+    from preprocess.beton import BetonError
+    from preprocess.mosaics import read_masks
+
+    path = tmp_path / "s.beton"
+    np.save(masks_path(path), np.ones((2, 4, 4), np.uint8))
+    dataset = Dataset(path, {"masks": "s.masks.npy"})
+    masks = read_masks(dataset)
+    assert isinstance(masks, np.memmap) and not masks.flags.writeable and masks.sum() == 32
+    np.save(masks_path(path), np.ones((2, 4, 4), np.int16))
+    with pytest.raises(BetonError) as error:
+        read_masks(dataset)
+    assert str(error.value) == f"{masks_path(path)}: expected uint8 [2, H, W] masks, got int16 [2, 4, 4]; rebuild the set"
+    with pytest.raises(BetonError) as error:
+        read_masks(Dataset(path, {}))
+    assert str(error.value) == (f"{path}: has no per-pixel masks (its manifest names none); build a dense set with "
+                                "`preprocess build-mosaics`")
+
+
+def test_build_mosaics_defaults_and_its_writes(tmp_path, monkeypatch):
+    import preprocess.mosaics as mosaics
+    from test_mosaic import write_fashion_idx
+
+    source = write_fashion_idx(tmp_path / "idx")
+    seen = {"checked": [], "made": [], "written": []}
+    monkeypatch.setattr(mosaics, "check_output", lambda path, overwrite: seen["checked"].append((path.name, overwrite)))
+    make = mosaics.make_mosaics
+    monkeypatch.setattr(mosaics, "make_mosaics", lambda *a: seen["made"].append(a[2:]) or make(*a))
+
+    def write_beton(listed, out_path, options, **kwargs):
+        seen["written"].append((listed, out_path, options, kwargs))
+        return out_path.name
+
+    monkeypatch.setattr(mosaics, "write_beton", write_beton)
+    spec = MosaicSpec(size=16, min_side=8, max_side=12)
+    reports = mosaics.build_mosaics(source, tmp_path / "set", train_count=1, val_count=2, spec=spec)  # 1: the minimum
+    assert reports == {"train": "set-train.beton", "val": "set-val.beton"}
+    assert seen["checked"] == [("set-train.beton", False), ("set-val.beton", False)]
+    assert seen["made"] == [(1, spec, 0, 0), (2, spec, 0, 1)]  # count, spec, seed 0, stream per split
+    listed, out_path, options, kwargs = seen["written"][1]
+    assert [item.name for item in listed.items] == ["mosaic#0", "mosaic#1"] and listed.kind == "mosaic"
+    assert listed.split == "test" and options.jpeg_quality == 95
+    assert kwargs["workers"] == 1 and kwargs["show_progress"] is False
+    assert kwargs["manifest_extra"] == {"tool": "densessl preprocess build-mosaics", "masks": "set-val.masks.npy",
+                                        "mask_classes": ["background", *listed.class_names],
+                                        "mosaic": {"size": 16, "min_items": 2, "max_items": 3, "min_side": 8,
+                                                   "max_side": 12, "threshold": 16, "seed": 0, "items_split": "test"}}
+    (final, write_masks), = kwargs["sidecars"]
+    assert final.name == "set-val.masks.npy"
+    from preprocess.build import BuildReport
+
+    report = BuildReport(out_path, tmp_path / "m", tmp_path / "s")
+    write_masks(tmp_path / "partial.npy", report)
+    assert np.load(tmp_path / "partial.npy").shape == (2, 16, 16)
+    report.num_skipped, report.skipped = 2, [("mosaic#0", "why 0"), ("mosaic#1", "why 1")]
+    with pytest.raises(BuildError) as error:
+        write_masks(tmp_path / "partial2.npy", report)
+    assert str(error.value) == (f"{out_path}: 2 mosaics could not be stored (first: ('mosaic#0', 'why 0')); masks would "
+                                "not match the records")
+    mosaics.build_mosaics(source, tmp_path / "again", train_count=1, val_count=1, spec=spec, seed=4, workers=2,
+                          overwrite=True, show_progress=True, jpeg_quality=80)
+    assert seen["checked"][-1] == ("again-val.beton", True) and seen["made"][-1] == (1, spec, 4, 1)
+    assert seen["written"][-1][3]["workers"] == 2 and seen["written"][-1][3]["show_progress"] is True
+    assert seen["written"][-1][2].jpeg_quality == 80
+    with pytest.raises(ValueError, match=r"^val_count: must be >= 1 mosaic, got 0$"):
+        mosaics.build_mosaics(source, tmp_path / "none", train_count=1, val_count=0, spec=spec)
