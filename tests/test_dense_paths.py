@@ -215,3 +215,24 @@ def test_format_dense_table_word_for_word():
     assert format_dense_table({"x": row}, DenseEvalConfig(max_train_samples=7, max_val_samples=0)).splitlines()[0] == \
         "dense evaluation on mosaics (first 7 train / all val; k=30, T=0.02)"
     assert len(format_dense_table({"x": row}, settings).splitlines()) == 4  # no ceiling: no ceiling line
+
+
+def test_a_class_with_a_single_pixel_counts():
+    confusion = torch.tensor([[5, 1], [0, 0]])  # class 1: predicted once, never true: union 1, IoU 0
+    assert segmentation_scores(confusion)["miou"] == pytest.approx(100 * (5 / 6 + 0.0) / 2, abs=1e-12)
+
+
+def test_a_model_is_scored_through_its_backbone_patches(mosaic_sets, monkeypatch):
+    train_path, val_path = mosaic_sets
+    wrapped = []
+
+    class Patches(PixelPatches):  # stands in for BackbonePatches(model): records the model it wraps
+        def __init__(self, model):
+            wrapped.append(model)
+            super().__init__(8)
+
+    monkeypatch.setattr(dense, "BackbonePatches", Patches)
+    model = object()  # not callable, no patch_size: only usable through BackbonePatches
+    settings = DenseEvalConfig(train_path=str(train_path), val_path=str(val_path), k=1, probe_steps=1)
+    results = compare_dense({"teacher": model, "pixels": PixelPatches(8)}, settings, CPU, mean=MEAN, std=STD)
+    assert wrapped == [model] and results["teacher"] == results["pixels"]
