@@ -115,9 +115,9 @@ class FakeRanks:
         shards = self.gathers[self.calls // 2]
         assert len(out) == len(shards)
         self.calls += 1
-        if self.calls % 2:  # first of a pair: the row counts
+        if self.calls % 2:  # first of a pair: the row counts (this rank's is the one it sends)
             for r, o in enumerate(out):
-                o.copy_(torch.tensor([len(shards[r])]))
+                o.copy_(tensor if r == self.rank else torch.tensor([len(shards[r])]))
             return
         assert tensor.shape[0] == max(len(s) for s in shards), "every rank must send the largest shard's size"
         for r, o in enumerate(out):
@@ -131,8 +131,10 @@ def test_all_gather_of_unequal_shards_drops_the_padding(monkeypatch, rank):
     rows = [torch.arange(6.0).view(3, 2), torch.arange(10.0, 12.0).view(1, 2), torch.arange(20.0, 24.0).view(2, 2)]
     labels = [torch.tensor([0, 1, 2]), torch.tensor([5]), torch.tensor([7, 8])]  # int64, one dimension
     monkeypatch.setattr(knn, "dist", FakeRanks(rank, [rows, labels]))
-    assert torch.equal(knn._all_gather_rows(rows[rank]), torch.cat(rows))
-    assert torch.equal(knn._all_gather_rows(labels[rank]), torch.tensor([0, 1, 2, 5, 7, 8]))
+    gathered = knn._all_gather_rows(rows[rank])
+    assert torch.equal(gathered, torch.cat(rows)) and gathered.dtype == torch.float32
+    gathered = knn._all_gather_rows(labels[rank])
+    assert torch.equal(gathered, torch.tensor([0, 1, 2, 5, 7, 8])) and gathered.dtype == torch.int64
 
 
 @pytest.mark.parametrize("world_size,rank,max_samples", [(5, 3, 0), (5, 0, 0), (2, 1, 5), (3, 2, 7)])
@@ -149,3 +151,13 @@ def test_extract_features_on_one_rank_of_many_sees_the_whole_set_in_order(beton,
                                        workers=0, max_samples=max_samples)
     keep = torch.cat(shards).sort().values
     assert torch.equal(got, features[keep]) and torch.equal(got_labels, labels[keep])
+
+
+def test_feature_extractor_asks_the_model_for_the_kind_given():
+    asked = []
+    model = type("Model", (), {"features": lambda self, images, kind="auto": asked.append(kind) or images})()
+    from evaluation.knn import feature_extractor
+
+    feature_extractor(model, "patch_mean")("x")
+    feature_extractor(model)("y")
+    assert asked == ["patch_mean", "auto"]

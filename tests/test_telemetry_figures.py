@@ -38,10 +38,12 @@ def clock(monkeypatch):
                                          ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA L40S", 362.0), ("NVIDIA A10", 125.0),
                                          ("Tesla V100-SXM2-32GB", 125.0), ("NVIDIA L4", 121.0)])
 def test_spec_peak_of_each_known_gpu_name(monkeypatch, name, tflops):
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
-    assert peak_flops(torch.device("cuda")) == tflops * 1e12
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: asked.append(device) or name)
+    assert peak_flops(torch.device("cuda", 1)) == tflops * 1e12 and asked == [torch.device("cuda", 1)]
     assert peak_flops(torch.device("cuda"), configured_tflops=7.5) == 7.5e12  # the configured value wins
     assert peak_flops(torch.device("cuda"), configured_tflops=0.0) == tflops * 1e12
+    assert peak_flops(torch.device("cuda"), configured_tflops=0.5) == 0.5e12  # any positive value, below 1 too
 
 
 def test_an_unknown_gpu_assumes_h100_and_says_so(monkeypatch, caplog):
@@ -201,6 +203,7 @@ def test_the_bar_only_on_a_terminal_when_asked(clock, tmp_path, monkeypatch, cap
     assert make(tmp_path / "b", progress_bar=False).bar is None
     telemetry = make(tmp_path / "c", progress_bar=True, start_step=10)
     assert telemetry.bar is not None and telemetry.bar.n == 10 and telemetry.bar.total == 100
+    assert telemetry.bar.unit == "step" and callable(telemetry.bar.dynamic_ncols)
     telemetry.advance()
     telemetry.advance()
     clock.now += 1.0
@@ -230,3 +233,105 @@ def test_phase_timer_marks_pair_with_the_mark_before(clock):
 
 def test_percent():
     assert _percent(None) == "n/a" and _percent(0.3214) == "32.1%" and _percent(0.0) == "0.0%"
+
+
+class FakeEvent:
+    """torch.cuda.Event on a stand-in device clock `FakeEvent.now` (ms)."""
+
+    now = 0.0
+    recorded = 0
+
+    def __init__(self, enable_timing=False):
+        assert enable_timing is True
+        self.at = None
+
+    def record(self, stream=None):
+        self.at = FakeEvent.now
+        FakeEvent.recorded += 1
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, end):
+        return end.at - self.at
+
+
+class CudaTorch:
+    """telemetry's `torch` on a machine without a GPU: cuda devices and events are stand-ins, tensors stay tiny,
+    and each matmul takes the next of `durations` (ms) on the device clock."""
+
+    def __init__(self, durations=()):
+        self.calls, self.durations = [], iter(durations)
+        real = torch
+
+        class Generator:
+            def __init__(generator, device=None):
+                self.calls.append(("generator", device))
+
+            def manual_seed(generator, seed):
+                self.calls.append(("seed", seed))
+                return generator
+
+        self.Generator = Generator
+        self.bfloat16, self.float32, self.device = real.bfloat16, real.float32, real.device
+        self.cuda = SimpleNamespace(Event=FakeEvent, max_memory_allocated=lambda device: self.calls.append(("memory", device)) or 5 * 2**30)
+
+    def randn(self, *size, generator, device, dtype):
+        self.calls.append(("randn", size, device, dtype, generator is not None))
+        return torch.zeros(1)
+
+    def mm(self, a, b):
+        assert a is not None and b is not None
+        self.calls.append(("mm",))
+        FakeEvent.now += next(self.durations)
+
+
+def test_the_gpu_peak_is_the_best_of_20_timed_bf16_8192_matmuls(monkeypatch):
+    fake = CudaTorch([4.0, 2.5, 3.0] + [2.0] * 16 + [1.25, 0.5])  # a 21st timing would be faster: not taken
+    monkeypatch.setattr(telemetry_module, "torch", fake)
+    FakeEvent.recorded = 0
+    cuda = torch.device("cuda", 0)
+    assert measured_matmul_flops(cuda) == 2 * 8192**3 / 0.00125
+    assert fake.calls[:4] == [("generator", cuda), ("seed", 0), ("randn", (8192, 8192), cuda, torch.bfloat16, True),
+                              ("randn", (8192, 8192), cuda, torch.bfloat16, True)]
+    assert fake.calls.count(("mm",)) == 20 and FakeEvent.recorded == 40
+    assert peak_memory_bytes(cuda) == 5 * 2**30 and fake.calls[-1] == ("memory", cuda)
+
+
+def test_the_phase_timer_on_a_gpu_reads_its_events_in_seconds(monkeypatch):
+    monkeypatch.setattr(telemetry_module, "torch", CudaTorch())
+    timer = PhaseTimer(torch.device("cuda"))
+    assert timer.cuda
+    FakeEvent.now = 1000.0
+    timer.start()
+    FakeEvent.now += 500.0
+    timer.mark("forward_backward")
+    FakeEvent.now += 250.0
+    timer.mark("optimizer")
+    assert timer.take() == {"forward_backward": 0.5, "optimizer": 0.25}
+
+
+def test_defaults_nested_run_folder_and_a_step_without_a_loss(clock, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(telemetry_module, "peak_memory_bytes", lambda device: 0)
+    log_cfg = SimpleNamespace(tensorboard=False, progress_bar=False)
+    run_dir = tmp_path / "runs" / "a" / "b"  # parents made
+    telemetry = Telemetry(run_dir, rank=0, device=CPU, total_steps=8, images_per_step=4, world_size=1,
+                          flops_per_image=1.0, peak_flops=1.0, log_cfg=log_cfg, views_seconds=iter([0.0, 1.0, 0.0]).__next__)
+    assert telemetry.last == {} and run_dir.is_dir()
+    clock.now += 4.0
+    with caplog.at_level(logging.INFO, logger="train.telemetry"):
+        record = telemetry.log_step(4, 0.5, {"dino": 1.0}, SCHEDULE, {})  # from step 0: 4 steps
+    telemetry.close()
+    assert record["step_time_s"] == 1.0 and record["views_s"] == 0.25
+    assert caplog.messages == ["step 4/8 epoch 0.50 loss nan lr 0.000125 | 4.0 img/s, data wait 0.0%, views 250.0 ms, "
+                               "step 1.000s, MFU 400.0%, mem 0.00 GiB"]
+
+
+def test_the_bar_without_a_loss_shows_nan(clock, tmp_path, monkeypatch):
+    monkeypatch.setattr(telemetry_module, "peak_memory_bytes", lambda device: 0)
+    monkeypatch.setattr(telemetry_module.sys, "stderr", Terminal())
+    telemetry = make(tmp_path, progress_bar=True)
+    clock.now += 1.0
+    telemetry.log_step(1, 0.01, {"dino": 1.0}, SCHEDULE, {})
+    assert telemetry.bar.postfix == "img_s=64.0, loss=nan, lr=1.25e-04"
+    telemetry.close()
