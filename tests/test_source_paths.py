@@ -5,6 +5,7 @@ once, in order), its thread pool made once and closed, and open_source's errors 
 from __future__ import annotations
 
 import logging
+import threading
 import zlib
 
 import numpy as np
@@ -56,6 +57,7 @@ def test_beton_source_bytes_crc_and_reason(beton):
     assert source.kind == "beton" and len(source) == len(dataset) == 12
     assert source.labels.tolist() == list(np.asarray(dataset.labels)) and source.labels.dtype == np.int64
     assert source.heights.tolist() == list(np.asarray(dataset.heights)) and source.widths.tolist() == list(np.asarray(dataset.widths))
+    assert source.heights.dtype == source.widths.dtype == source.crc32.dtype == np.int64
     for index in (0, 5, 11):
         data = source.encoded(index)
         assert data.tobytes() == bytes(dataset.jpeg_bytes(index)) and data.flags.writeable
@@ -97,6 +99,7 @@ def test_record_verifier_checks_every_record_once_in_order_over_uneven_chunks(co
     assert (verifier.pool is not None) == uses_pool
     if uses_pool:
         pool = verifier.pool
+        assert pool._max_workers == threads
         assert verifier.reasons(indices, encoded) == reasons and verifier.pool is pool  # made once
         verifier.close()
         assert verifier.pool is None and pool._shutdown
@@ -108,10 +111,19 @@ def test_record_verifier_chunk_size_is_the_ceiling(monkeypatch):
     verifier = RecordVerifier(source, enabled=True, threads=4)
     seen = []
     check = verifier._check
-    monkeypatch.setattr(verifier, "_check", lambda pairs: seen.append([i for i, _ in pairs]) or check(pairs))
+    names = set()
+
+    def spy(pairs):
+        names.add(threading.current_thread().name.split("_")[0])
+        seen.append([i for i, _ in pairs])
+        return check(pairs)
+
+    monkeypatch.setattr(verifier, "_check", spy)
     verifier.reasons(range(10), [np.zeros(1, dtype=np.uint8)] * 10)
     verifier.close()
     assert sorted(seen) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]  # ceil(10 / 4) = 3 per chunk
+    assert names == {"crc32"}  # the pool's threads are named for what they do
+    assert RecordVerifier(source, enabled=True).threads == 1  # one thread unless asked
 
 
 def test_record_verifier_off_or_without_checksums_reports_nothing(tmp_path):
