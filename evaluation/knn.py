@@ -60,10 +60,10 @@ def extract_features(feature_fn: Callable, path: str, *, image_size: int, batch_
         seen += len(index)
         if per_rank_limit and seen >= per_rank_limit:
             break
-    features = torch.cat(features)
+    # the batch that crosses the limit also holds samples past it: keep exactly the first `per_rank_limit`
+    features, labels, indices = (torch.cat(t)[:per_rank_limit] for t in (features, labels, indices))
     if normalize:
         features = F.normalize(features, dim=1)
-    labels, indices = torch.cat(labels), torch.cat(indices)
     if world_size > 1:
         features, labels, indices = (_all_gather_rows(t) for t in (features, labels, indices))
     order = torch.argsort(indices)

@@ -148,11 +148,11 @@ def _image_files(directory: Path) -> list[Path]:
 
 def open_source(path: str | Path) -> ImageSource:
     """Open a `.beton` file or an image folder; clear errors for a missing path or an empty dataset."""
-    path = Path(path)
-    if not str(path) or not path.exists():
+    if not str(path) or not Path(path).exists():  # "" first: Path("") is "." (the working directory), which exists
         raise FileNotFoundError(
             f"data.path: {str(path)!r} does not exist; give a .beton file (preprocess build-ffcv) or an image folder"
         )
+    path = Path(path)
     if path.is_dir():
         source: ImageSource = FolderSource(path)
     elif path.suffix == ".beton":
