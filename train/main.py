@@ -92,19 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"distributed error: {collective_failure_message(error, cfg)}", file=sys.stderr)
         return 1
-    finally:
-        shutdown_distributed()
     return 0 if result in ("done", "stopped") else 1
-
-
-def shutdown_distributed() -> None:
-    """Tear the process group down before the interpreter exits. Left to the exit-time destructors, a gloo
-    rank aborted after a finished run about once in 12 ("terminate called without an active exception",
-    exit -6; torch 2.11, 2 ranks on CPU, measured 2026-12-05)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def collective_failed(error: BaseException) -> bool:
