@@ -22,6 +22,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from train.clipping import PerParameterClip
+from train.engine import destroy_process_group_at_exit
 
 CASES = [  # (ranks, ZeRO stage, bf16): every optimizer DeepSpeed builds, each partitioned one also on 2 ranks
     (1, 0, True), (1, 0, False), (1, 2, True), (1, 3, True),
@@ -61,35 +62,38 @@ def slices_by_parameter(clip: PerParameterClip, record: list) -> dict[int, list[
 
 
 def worker(rank, world_size, init_file, results_dir, stage, bf16, max_norm):
-    import deepspeed
-
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))  # DeepSpeed asks for them
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-        module = small_module()
-        # SGD: the clipped gradient is the update (AdamW would normalize most of the clip away in one step)
-        optimizer = torch.optim.SGD([{"params": [p for n, p in module.named_parameters() if n.endswith("weight")]},
-                                     {"params": [p for n, p in module.named_parameters() if n.endswith("bias")]}], lr=0.1)
-        config = {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 0.0,
-                  "bf16": {"enabled": bf16, "check_grad_overflow": False}, "zero_optimization": {"stage": stage},
-                  "communication_data_type": "fp32", "zero_allow_untested_optimizer": True}
-        engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
-        after_clip, before_clip = [], []
-        inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
-        spy(inner, after_clip)  # under the clip
-        clip = PerParameterClip(engine, module, max_norm, stage)
-        spy(inner, before_clip)  # around the clip
-        inputs = batch(rank).to(torch.bfloat16 if bf16 else torch.float32)
-        loss = engine(inputs).float().pow(2).sum() * 20.0
-        engine.backward(loss)
-        engine.step()
-        before, after = slices_by_parameter(clip, before_clip), slices_by_parameter(clip, after_clip)
-        torch.save({"before": before, "after": after, "clipped": clip.clipped_per_step(),
-                    "num_parameters": clip.num_parameters}, os.path.join(results_dir, f"{rank}.pt"))
+        torch.save(one_clipped_step(rank, stage, bf16, max_norm), os.path.join(results_dir, f"{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        destroy_process_group_at_exit()  # the trainer's own: the engine's cycles collected, then the group
+
+
+def one_clipped_step(rank: int, stage: int, bf16: bool, max_norm: float) -> dict:
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    module = small_module()
+    # SGD: the clipped gradient is the update (AdamW would normalize most of the clip away in one step)
+    optimizer = torch.optim.SGD([{"params": [p for n, p in module.named_parameters() if n.endswith("weight")]},
+                                 {"params": [p for n, p in module.named_parameters() if n.endswith("bias")]}], lr=0.1)
+    config = {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 0.0,
+              "bf16": {"enabled": bf16, "check_grad_overflow": False}, "zero_optimization": {"stage": stage},
+              "communication_data_type": "fp32", "zero_allow_untested_optimizer": True}
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
+    after_clip, before_clip = [], []
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    spy(inner, after_clip)  # under the clip
+    clip = PerParameterClip(engine, module, max_norm, stage)
+    spy(inner, before_clip)  # around the clip
+    inputs = batch(rank).to(torch.bfloat16 if bf16 else torch.float32)
+    loss = engine(inputs).float().pow(2).sum() * 20.0
+    engine.backward(loss)
+    engine.step()
+    before, after = slices_by_parameter(clip, before_clip), slices_by_parameter(clip, after_clip)
+    return {"before": before, "after": after, "clipped": clip.clipped_per_step(), "num_parameters": clip.num_parameters}
 
 
 def run(world_size: int, stage: int, bf16: bool, max_norm: float) -> list[dict]:
