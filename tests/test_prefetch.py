@@ -4,7 +4,9 @@ the thread rather than only waiting for it, errors at the failing item's positio
 items, which stage-1 class each backend builds with which settings, and the DALI hints word for word."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import queue
 import subprocess
 import threading
 import time
@@ -22,9 +24,10 @@ CPU = torch.device("cpu")
 class Source:
     """An endless (or `length`-long) iterator that counts what it produced, in which thread, and its close."""
 
-    def __init__(self, length: int | None = None, fail_at: int | None = None):
-        self.length, self.fail_at = length, fail_at
+    def __init__(self, length: int | None = None, fail_at: int | None = None, delay: float = 0.0):
+        self.length, self.fail_at, self.delay = length, fail_at, delay
         self.produced, self.threads, self.closed = 0, set(), False
+        self.on_next = lambda: None
 
     def __iter__(self):
         return self
@@ -34,6 +37,8 @@ class Source:
             raise StopIteration
         if self.produced == self.fail_at:
             raise KeyError(f"record {self.produced} is damaged")
+        time.sleep(self.delay)
+        self.on_next()
         self.threads.add(threading.current_thread().name)
         self.produced += 1
         return self.produced - 1
@@ -116,6 +121,130 @@ def test_a_finite_iterator_ends_the_consumer_and_the_thread():
     assert source.closed and not [t for t in threading.enumerate() if t.name == "finite-test"]
 
 
+def test_the_thread_is_named_prefetch_by_default():
+    source = Source(length=2)
+    assert list(prefetched(source, 1, CPU)) == [0, 1]
+    assert source.threads == {"prefetch"}
+
+
+def test_a_slow_iterator_is_waited_for_not_cut_short():
+    """The consumer polls the queue every 0.1 s: an item that takes longer is still waited for."""
+    source = Source(length=3, delay=0.35)
+    assert list(prefetched(source, 2, CPU, name="slow-test")) == [0, 1, 2]
+
+
+class RecordingQueue(queue.Queue):
+    """The producer's and the consumer's queue, recording the timeouts of their waits."""
+
+    timeouts: list = []
+
+    def put(self, item, block=True, timeout=None):
+        RecordingQueue.timeouts.append(("put", timeout))
+        return super().put(item, block, timeout)
+
+    def get(self, block=True, timeout=None):
+        RecordingQueue.timeouts.append(("get", timeout))
+        return super().get(block, timeout)
+
+
+def test_both_sides_check_the_stop_flag_every_tenth_of_a_second(monkeypatch):
+    """The shutdown latency the module doc states: every wait on the queue is at most 0.1 s."""
+    RecordingQueue.timeouts = []
+    monkeypatch.setattr(backends.queue, "Queue", RecordingQueue)
+    assert list(prefetched(Source(length=3), 1, CPU, name="poll-test")) == [0, 1, 2]
+    assert {kind for kind, _ in RecordingQueue.timeouts} == {"put", "get"}
+    assert {timeout for _, timeout in RecordingQueue.timeouts} == {0.1}
+
+
+class StandInCuda:
+    """torch.cuda's calls that `prefetched` makes, recorded (a CPU machine has no streams or events)."""
+
+    class Stream:
+        def __init__(self, device=None):
+            self.device, self.waited, self.thread = device, [], threading.current_thread().name
+
+        def wait_event(self, event):
+            self.waited.append(event)
+
+    class Event:
+        def __init__(self):
+            self.recorded_on = "never recorded"
+
+        def record(self, stream=None):
+            self.recorded_on = stream
+
+    def __init__(self, monkeypatch):
+        self.set_device_calls, self.streams, self.events, self.current_stream_calls = [], [], [], []
+        self.active = None  # the stream entered with torch.cuda.stream(...), in the producer
+        self.consumer = StandInCuda.Stream("consumer")
+        cuda = self
+
+        class Stream(StandInCuda.Stream):
+            def __init__(self, device=None):
+                super().__init__(device)
+                cuda.streams.append(self)
+
+        class Event(StandInCuda.Event):
+            def __init__(self):
+                super().__init__()
+                cuda.events.append(self)
+
+        @contextlib.contextmanager
+        def stream(entered):
+            cuda.active = entered
+            try:
+                yield
+            finally:
+                cuda.active = None
+
+        def current_stream(device=None):
+            cuda.current_stream_calls.append(device)
+            return cuda.consumer
+
+        monkeypatch.setattr(torch.cuda, "set_device", lambda device: self.set_device_calls.append(
+            (threading.current_thread().name, device)))
+        monkeypatch.setattr(torch.cuda, "Stream", Stream)
+        monkeypatch.setattr(torch.cuda, "Event", Event)
+        monkeypatch.setattr(torch.cuda, "stream", stream)
+        monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
+
+
+def test_on_a_gpu_the_producer_works_on_its_own_stream_and_hands_over_events(monkeypatch):
+    """The CUDA path on stand-ins: the thread selects the rank's device and makes one stream on it; each item is
+    produced under that stream and handed over with an event recorded on it; before the consumer gets the item,
+    its current stream (on that device) waits on the event and the item is record_stream-ed for it."""
+    cuda = StandInCuda(monkeypatch)
+    recorded = []
+    monkeypatch.setattr(backends, "record_stream", lambda item, stream: recorded.append((item, stream)))
+    device = torch.device("cuda", 1)
+    source = Source(length=3)
+    source.on_next = lambda: source.under.append(cuda.active)
+    source.under = []
+    got = []
+    for item in prefetched(source, 2, device, name="cuda-test"):
+        got.append(item)
+        assert len(cuda.consumer.waited) == len(recorded) == len(got)  # waited and recorded before it is handed out
+    assert got == [0, 1, 2]
+    assert cuda.set_device_calls == [("cuda-test", device)]
+    (producer,) = cuda.streams
+    assert producer.device == device and producer.thread == "cuda-test"
+    assert source.under == [producer] * 3  # every item's work launched on the producer's stream
+    assert len(cuda.events) == 4 and all(event.recorded_on is producer for event in cuda.events)  # + the end's
+    assert cuda.current_stream_calls == [device] * 3
+    assert cuda.consumer.waited == cuda.events[:3]  # each item's own event, in order
+    assert recorded == [(0, cuda.consumer), (1, cuda.consumer), (2, cuda.consumer)]
+
+
+def test_on_the_cpu_torch_cuda_is_never_touched(monkeypatch):
+    def touched(*args, **kwargs):
+        raise AssertionError("torch.cuda used on the CPU")
+
+    for name in ("set_device", "Stream", "Event", "stream", "current_stream"):
+        monkeypatch.setattr(torch.cuda, name, touched)
+    monkeypatch.setattr(backends, "record_stream", touched)
+    assert list(prefetched(Source(length=3), 2, CPU, name="cpu-test")) == [0, 1, 2]
+
+
 class OnDevice(torch.Tensor):
     """A tensor that says it lives on a GPU and records the streams it is told about."""
 
@@ -186,7 +315,7 @@ def test_the_dali_hint_word_for_word(monkeypatch, major, pick):
                                            ("CUDA Version:13.0", 13), ("CUDA Version: 9.2", 9), ("no version here", None)])
 def test_driver_cuda_major_reads_nvidia_smi(monkeypatch, printed, major):
     calls = []
-    monkeypatch.setattr(backends.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(backends.shutil, "which", lambda name: "/usr/bin/nvidia-smi" if name == "nvidia-smi" else None)
     monkeypatch.setattr(backends.subprocess, "run", lambda *a, **k: calls.append((a, k)) or SimpleNamespace(stdout=printed))
     assert backends.driver_cuda_major() == major
     assert calls == [((["nvidia-smi"],), {"capture_output": True, "text": True, "timeout": 20})]
