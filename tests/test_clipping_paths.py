@@ -37,8 +37,10 @@ class Inner:
     def __init__(self, tensors):
         self.param_groups = [{"params": list(tensors)}]
         self.seen: list[list[torch.Tensor]] = []
+        self.arguments: list[tuple] = []
 
     def step(self, *args, **kwargs):
+        self.arguments.append((args, kwargs))
         self.seen.append([t.grad.clone() for group in self.param_groups for t in group["params"] if t.grad is not None])
         return "stepped"
 
@@ -69,7 +71,8 @@ def test_zero0_fp32_clips_the_modules_own_gradients():
     optimizer.step = recorder.step
     engine = SimpleNamespace(optimizer=optimizer, global_steps=0)
     clip = PerParameterClip(engine, m, MAX_NORM, zero_stage=0)
-    assert optimizer.step() == "stepped"
+    assert optimizer.step("positional", closure="keyword") == "stepped"
+    assert recorder.arguments == [(("positional",), {"closure": "keyword"})]  # the wrapped step passes them on
     for got, g in zip(recorder.seen[0], GRADIENTS):
         torch.testing.assert_close(got, dino(g), rtol=0, atol=1e-6)
     engine.global_steps = 1
@@ -88,6 +91,17 @@ def test_zero0_bf16_clips_the_fp32_masters():
     assert not clip.partitioned and clip.slices[id(masters[2])][1] == [(2, 0, 4)]
 
 
+def test_a_tensor_without_a_gradient_is_passed_over_not_the_end_of_its_group():
+    m = module()
+    masters = [with_grad(g) for g in GRADIENTS]
+    masters[0].grad = None  # first in its group: the ones after it are still clipped
+    wrapper = SimpleNamespace(fp16_groups=[[m.a, m.b, m.c]], fp32_groups=[masters], optimizer=Inner(masters))
+    PerParameterClip(SimpleNamespace(optimizer=wrapper, global_steps=0), m, MAX_NORM, zero_stage=0)
+    wrapper.optimizer.step()
+    for got, g in zip(wrapper.optimizer.seen[0], GRADIENTS[1:]):
+        torch.testing.assert_close(got, dino(g), rtol=0, atol=1e-6)
+
+
 class Fragment:
     def __init__(self, start, numel):
         self.start, self.numel = start, numel
@@ -99,7 +113,7 @@ def zero2(m):
     flat = with_grad(torch.cat([GRADIENTS[0], GRADIENTS[1][:1]]))
     m.a._hp_mapping = SimpleNamespace(get_hp_fragment_address=lambda: Fragment(0, 6))
     m.b._hp_mapping = SimpleNamespace(get_hp_fragment_address=lambda: Fragment(6, 1))
-    m.c._hp_mapping = None
+    # c: no fragment here (DeepSpeed sets its _hp_mapping to None; a parameter it never linked has none at all)
     wrapper = SimpleNamespace(bit16_groups=[[m.a, m.b, m.c]], single_partition_of_fp32_groups=[flat], optimizer=Inner([flat]))
     theirs = [0.0, float(GRADIENTS[1][1:].square().sum()), float(GRADIENTS[2].square().sum())]
     return wrapper, flat, theirs
@@ -117,14 +131,17 @@ def zero3(m):
     return wrapper, flat, theirs
 
 
-@pytest.mark.parametrize("layout", [zero2, zero3])
-def test_partitioned_layouts_clip_each_slice_by_its_whole_parameters_norm(monkeypatch, layout):
+@pytest.mark.parametrize("layout,stage", [(zero2, 1), (zero2, 2), (zero3, 3)])
+def test_partitioned_layouts_clip_each_slice_by_its_whole_parameters_norm(monkeypatch, layout, stage):
     m = module()
     wrapper, flat, theirs = layout(m)
     other = OtherRank(theirs)
     monkeypatch.setattr(clipping, "dist", other)
+    mappings = []
+    find_slices = PerParameterClip._find_slices
+    monkeypatch.setattr(PerParameterClip, "_find_slices", lambda self: mappings.append(1) or find_slices(self))
     engine = SimpleNamespace(optimizer=wrapper, global_steps=100)  # e.g. after a checkpoint load at step 100
-    clip = PerParameterClip(engine, m, MAX_NORM, zero_stage=2 if layout is zero2 else 3)
+    clip = PerParameterClip(engine, m, MAX_NORM, zero_stage=stage)
     before = flat.grad.clone()
     wrapper.optimizer.step()
     got = wrapper.optimizer.seen[0][0]
@@ -137,9 +154,14 @@ def test_partitioned_layouts_clip_each_slice_by_its_whole_parameters_norm(monkey
     wrapper.optimizer.step()  # a second step on the same layout: the same result, the index tensor reused
     torch.testing.assert_close(wrapper.optimizer.seen[1][0], got, rtol=0, atol=0)
     assert len(clip.index_tensors) == 1 and other.calls == 2
+    assert len(mappings) == 1  # mapped once when built, not at every step
     engine.global_steps = 102
     assert clip.clipped_per_step() == 2.0  # b and c clipped at each of the 2 steps since step 100 (c only on rank 1)
     assert clip.clipped_per_step() == 0.0  # nothing since the last read, no step: no division by zero
+    flat.grad = before.clone()
+    wrapper.optimizer.step()
+    engine.global_steps = 103
+    assert clip.clipped_per_step() == 2.0  # one step since the last read
 
 
 def test_a_rank_holding_no_gradient_still_joins_the_all_reduce_and_counts_the_others_clips(monkeypatch):
@@ -192,5 +214,10 @@ def test_max_norm_must_be_positive_and_an_unknown_layout_is_refused():
     with pytest.raises(TypeError, match="^deepspeed.gradient_clipping_mode=per_parameter does not know DeepSpeed's Inner: "
                                         "set deepspeed.gradient_clipping_mode=global$"):
         PerParameterClip(SimpleNamespace(optimizer=Inner([]), global_steps=0), m, 1.0, zero_stage=0)
+    for half in ({"fp16_groups": [[m.a]]}, {"fp32_groups": [[with_grad(GRADIENTS[0])]]}):  # ZeRO-0 bf16 needs both
+        with pytest.raises(TypeError, match="^deepspeed.gradient_clipping_mode=per_parameter does not know DeepSpeed's "
+                                            "SimpleNamespace: set deepspeed.gradient_clipping_mode=global$"):
+            wrapper = SimpleNamespace(optimizer=Inner([]), **half)
+            PerParameterClip(SimpleNamespace(optimizer=wrapper, global_steps=0), m, 1.0, zero_stage=0)
     assert PerParameterClip(SimpleNamespace(optimizer=torch.optim.SGD([m.a], lr=0.1), global_steps=0), m, 1e-12,
                             zero_stage=0).max_norm == 1e-12  # small but positive is fine
