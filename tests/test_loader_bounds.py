@@ -5,6 +5,7 @@ time taken once, prefetch and views-ahead threads that stop when the iteration i
 and build_loader's refusals word for word."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -181,7 +182,69 @@ def test_views_timer_on_the_cpu(monkeypatch):
     clock = iter([1.0, 3.5])
     monkeypatch.setattr(loader_module.time, "perf_counter", lambda: next(clock))
     timer = ViewsTimer(CPU)
-    assert timer.events is None and timer.stop().seconds() == 2.5
+    assert timer.events is None and timer.seconds() == 0.0  # not stopped yet: nothing measured
+    assert timer.stop().seconds() == 2.5
+
+
+class StandInEvent:
+    """torch.cuda.Event on a CPU machine: records when it is recorded, answers query() and elapsed_time (ms)."""
+
+    made: list = []
+
+    def __init__(self, enable_timing=False):
+        self.enable_timing, self.recorded, self.done = enable_timing, 0, True
+        StandInEvent.made.append(self)
+
+    def record(self, stream=None):
+        self.recorded += 1
+
+    def query(self):
+        return self.done
+
+    def elapsed_time(self, end):
+        assert self.enable_timing and end.enable_timing, "timing needs enable_timing=True on both events"
+        return 250.0 if end is StandInEvent.made[1] else float("nan")
+
+
+def test_views_timer_on_a_gpu_times_with_two_events_and_never_waits(monkeypatch):
+    StandInEvent.made = []
+    monkeypatch.setattr(torch.cuda, "Event", StandInEvent)
+    clock = iter([1.0, 1.5])
+    monkeypatch.setattr(loader_module.time, "perf_counter", lambda: next(clock))
+    timer = ViewsTimer(torch.device("cuda", 0))
+    start, end = StandInEvent.made
+    assert timer.events == (start, end) and (start.recorded, end.recorded) == (1, 0)  # start recorded at once
+    assert timer.stop() is timer and (start.recorded, end.recorded) == (1, 1) and timer.wall == 0.5
+    end.done = False
+    assert timer.seconds() is None  # the end event has not completed: asked again later, never waited for
+    end.done = True
+    assert timer.seconds() == 0.25  # 250 ms between the events
+
+
+def test_profiling_times_the_views_and_the_reference_transfer(monkeypatch):
+    """bench --profile sets `timings`: the engine's batches add to "views", the reference's copy to "transfer"."""
+    keys = []
+
+    @contextlib.contextmanager
+    def timed(timings, key, sync_device=None):
+        keys.append((timings is loader.timings, key, sync_device))
+        yield
+
+    monkeypatch.setattr(loader_module, "timed", timed)
+    loader = make(4, batch_size=2)
+    loader.timings = {}
+    list(loader)
+    assert keys == [(True, "views", CPU)] * 2
+    keys.clear()
+    reference = make(4, batch_size=2)
+    reference.engine = None
+    reference.timings = {}
+    moved = []
+    views = SimpleNamespace(to=lambda device, non_blocking=False: moved.append((device, non_blocking)) or "on device")
+    reference.stage_one = SimpleNamespace(views_batches=lambda batches, seeds: iter([(None, []), (views, []), (views, [])]))
+    loader = reference
+    assert [v for v in reference if v is not None] == ["on device", "on device"]  # an empty batch passed over
+    assert keys == [(True, "transfer", CPU)] * 2 and moved == [(CPU, True)] * 2  # non-blocking copies
 
 
 def wait_for(condition, seconds=5.0):
@@ -259,3 +322,34 @@ def test_build_loader_refusals_and_the_last_whole_batch(beton, monkeypatch):
     loose = build_loader(replace(data, batch_size=5, drop_last=False), ViewRecipe(), device=CPU, world_size=2)
     assert len(loose) == 2 and built[-1] == (5, {"max_samples": 10})  # ceil(12 / 10) = 2 batches of 5 per rank
     assert loose.engine is not None and loose.engine.dtype == torch.bfloat16
+
+
+def test_build_loader_defaults_and_the_ranks_gpu(beton, monkeypatch):
+    """Defaults: rank 0 of a world of 1, seed 0, the recipe handed on; "cuda" without an index becomes this rank's
+    current GPU (the worker threads' default is GPU 0), an explicit index is kept."""
+    data = DataConfig(path=str(beton), backend="ffcv", batch_size=6, workers=0, canvas_size=64)
+    stage_devices, engines = [], []
+    monkeypatch.setattr(loader_module, "build_stage_one", lambda data, recipe, source, device, **k: stage_devices.append(device))
+    monkeypatch.setattr(loader_module, "ViewsEngine", lambda recipe, device, dtype: engines.append((recipe, device)) or "engine")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    recipe = ViewRecipe()
+    loader = build_loader(data, recipe, device=CPU)
+    assert (loader.rank, loader.world_size, loader.seed, loader.recipe) == (0, 1, 0, recipe)
+    assert build_loader(data, recipe, device="cuda").device == torch.device("cuda", 3)
+    assert build_loader(data, recipe, device="cuda:1").device == torch.device("cuda", 1)
+    assert stage_devices == [CPU, torch.device("cuda", 3), torch.device("cuda", 1)]
+    assert [device for _, device in engines] == stage_devices
+
+
+def test_build_eval_loader_hands_every_setting_on(monkeypatch):
+    import pipeline.backends.evaluation as evaluation
+
+    made = []
+    monkeypatch.setattr(evaluation, "EvalLoader", lambda path, **settings: made.append((path, settings)) or "loader")
+    assert loader_module.build_eval_loader("set.beton", image_size=32, batch_size=8, device=CPU) == "loader"
+    assert made[-1] == ("set.beton", {"image_size": 32, "batch_size": 8, "device": CPU, "rank": 0, "world_size": 1,
+                                      "workers": 2, "mean": loader_module.IMAGENET_MEAN, "std": loader_module.IMAGENET_STD})
+    loader_module.build_eval_loader("set.beton", image_size=32, batch_size=8, device=CPU, rank=1, world_size=3,
+                                    workers=0, mean=(0.5,) * 3, std=(0.25,) * 3)
+    assert made[-1][1] == {"image_size": 32, "batch_size": 8, "device": CPU, "rank": 1, "world_size": 3,
+                                "workers": 0, "mean": (0.5,) * 3, "std": (0.25,) * 3}
