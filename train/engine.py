@@ -93,8 +93,9 @@ def destroy_process_group_at_exit() -> None:
     """Tear the process group down while the interpreter is still whole. Left to the exit-time C++ destructors
     (faulthandler: no Python frame left), a gloo rank aborted after a finished run with "terminate called
     without an active exception" (exit -6). Measured 2026-12-05 on torch 2.11, 2 ranks on CPU: 2-rank runs
-    of train/main.py 5 of 52 without this, 0 of 80 with it; test_clipping's ZeRO-3 pair of workers 3 of 20
-    with only `destroy_process_group` (the engine still alive), 0 of 20 with this. Registered at exit, not
+    of train/main.py 5 of 52 without this, 0 of 120 with it (80 before the gc.collect was added, 40 after);
+    test_clipping's ZeRO-3 pair of workers 3 of 20 with only `destroy_process_group` (the engine still
+    alive), 0 of 20 with this. Registered at exit, not
     called at the end of `train.main.main`: DeepSpeed keeps its groups across engines, so a process that
     trains twice (the tests do) needs the group it started with."""
     gc.collect()  # DeepSpeed's engine lives in reference cycles: collected now, it lets go of the group
