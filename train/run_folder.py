@@ -88,8 +88,12 @@ class Resize:
         return not self.stage_from == self.stage == 0
 
     def describe(self) -> str:
-        return (f"{self.world_size_from} rank{'s' * (self.world_size_from != 1)} under ZeRO-{self.stage_from} -> "
-                f"{self.world_size} rank{'s' * (self.world_size != 1)} under ZeRO-{self.stage}")
+        return f"{ranks(self.world_size_from)} under ZeRO-{self.stage_from} -> {ranks(self.world_size)} under ZeRO-{self.stage}"
+
+
+def ranks(count: int) -> str:
+    """"1 rank", "2 ranks"."""
+    return f"{count} rank{'s' * (count != 1)}"
 
 
 @dataclass
@@ -209,22 +213,22 @@ def _resume_plan(checkpoint: Path, saved: dict, config_tree: dict, changes: dict
             f"deepspeed.zero_stage: {checkpoint} was trained under ZeRO-{stage_from} and this launch asks for "
             f"ZeRO-{stage}, which DeepSpeed cannot convert: {cannot}; relaunch with deepspeed.zero_stage={stage_from} "
             f"(on any number of ranks)")
-    ranks = checkpoint_world_size(checkpoint) or world_size
+    ranks_from = checkpoint_world_size(checkpoint) or world_size
     batch_from = before.get("data.batch_size", launch.get("data.batch_size", 1))
-    global_batch = batch_from * ranks
+    global_batch = batch_from * ranks_from
     if global_batch % world_size:
         works = ", ".join(map(str, rank_counts_that_divide(global_batch)))
         raise RunFolderError(
-            f"data.batch_size: {checkpoint} trained with a global batch of {global_batch} ({batch_from} x {ranks} "
-            f"rank{'s' * (ranks != 1)}), which does not divide over this launch's {world_size} ranks; a resumed run "
+            f"data.batch_size: {checkpoint} trained with a global batch of {global_batch} ({batch_from} x "
+            f"{ranks(ranks_from)}), which does not divide over this launch's {world_size} ranks; a resumed run "
             f"keeps its global batch: relaunch on {works} ranks")
     batch_size = global_batch // world_size
     ignored = ["checkpoint.resume"]  # how to resume is the launch's own business
     if launch.get("data.batch_size") != batch_size:
         ignored.append("data.batch_size")  # overridden to keep the global batch; train.main says so
     resize = None
-    if ranks != world_size or stage_from != stage:
-        resize = Resize(world_size_from=ranks, world_size=world_size, stage_from=stage_from, stage=stage,
+    if ranks_from != world_size or stage_from != stage:
+        resize = Resize(world_size_from=ranks_from, world_size=world_size, stage_from=stage_from, stage=stage,
                         global_batch=global_batch)
     return RunFolderPlan(checkpoint=checkpoint, changed={k: v for k, v in changes.items() if k not in ignored},
                          batch_size=batch_size, resize=resize)
