@@ -179,15 +179,13 @@ class StandInCuda:
         self.consumer = StandInCuda.Stream("consumer")
         cuda = self
 
-        class Stream(StandInCuda.Stream):
-            def __init__(self, device=None):
-                super().__init__(device)
-                cuda.streams.append(self)
+        def new_stream(device=None):
+            cuda.streams.append(StandInCuda.Stream(device))
+            return cuda.streams[-1]
 
-        class Event(StandInCuda.Event):
-            def __init__(self):
-                super().__init__()
-                cuda.events.append(self)
+        def new_event():
+            cuda.events.append(StandInCuda.Event())
+            return cuda.events[-1]
 
         @contextlib.contextmanager
         def stream(entered):
@@ -203,8 +201,8 @@ class StandInCuda:
 
         monkeypatch.setattr(torch.cuda, "set_device", lambda device: self.set_device_calls.append(
             (threading.current_thread().name, device)))
-        monkeypatch.setattr(torch.cuda, "Stream", Stream)
-        monkeypatch.setattr(torch.cuda, "Event", Event)
+        monkeypatch.setattr(torch.cuda, "Stream", new_stream)
+        monkeypatch.setattr(torch.cuda, "Event", new_event)
         monkeypatch.setattr(torch.cuda, "stream", stream)
         monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
 
