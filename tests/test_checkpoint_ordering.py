@@ -5,8 +5,10 @@ messages word for word, and a whole save + load with a stand-in engine, in this 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import random
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,7 +21,7 @@ import train.checkpoint.files as files
 import train.checkpoint.save as save
 from train.checkpoint import (CheckpointReadError, CheckpointWriteError, checkpoint_name, find_checkpoint,
                               list_checkpoints, load_checkpoint, restore_rng, rng_states, save_checkpoint)
-from train.checkpoint.layout import kept, latest_name
+from train.checkpoint.layout import LATEST, kept, latest_name
 
 
 class Disk:
@@ -344,3 +346,261 @@ def test_a_damaged_checkpoint_names_the_file_and_the_earlier_one(tmp_path):
         load_checkpoint(root / "step_00000010", engine=FakeEngine(), teacher=teacher, losses=losses)
     assert str(error.value) == (f"cannot read {root / 'step_00000010' / 'rank_00000.pt'}: missing; this checkpoint is "
                                 "damaged: start over with checkpoint.resume=restart")
+
+
+class FailingRemovals:
+    """shutil.rmtree on a disk where removing the folders named `names` fails (an I/O error): raised, or left in
+    place under ignore_errors=True, as the real rmtree does."""
+
+    def __init__(self, monkeypatch, *names: str):
+        real = shutil.rmtree
+
+        def rmtree(path, ignore_errors=False, **kwargs):
+            if Path(path).name in names:
+                if ignore_errors:
+                    return None
+                raise OSError(errno.EIO, "Input/output error", str(path))
+            return real(path, ignore_errors=ignore_errors, **kwargs)
+
+        monkeypatch.setattr(shutil, "rmtree", rmtree)
+
+
+def save_at(root: Path, step: int, engine=None, **kwargs) -> Path:
+    teacher, losses = nn.Linear(2, 2), nn.Module()
+    return save_checkpoint(root, step, engine=engine or FakeEngine(), teacher=teacher, losses=losses,
+                           loader_state={"epoch": 0, "samples": step}, extra={}, keep_last=kwargs.pop("keep_last", 3),
+                           **kwargs)
+
+
+def test_a_save_makes_its_folders_removes_what_crashed_saves_left_and_says_where(tmp_path, caplog):
+    root = tmp_path / "runs" / "a" / "checkpoints"  # none of it exists yet
+    root.mkdir(parents=True)
+    for stale in (".tmp-step_00000005", ".tmp-step_00000010", ".tmp-replaced-step_00000010"):  # crashed saves
+        (root / stale / "engine").mkdir(parents=True)
+        (root / stale / "engine" / "junk.pt").write_bytes(b"half")
+    shutil.rmtree(tmp_path / "runs")
+    assert not root.exists()
+    with caplog.at_level(logging.INFO, logger="train.checkpoint"):
+        final = save_at(root, 10)
+    assert [r.getMessage() for r in caplog.records] == [f"saved checkpoint {final}"]
+    assert sorted(p.name for p in final.iterdir()) == ["COMPLETE", "engine", "rank_00000.pt", "trainer.pt",
+                                                       "zero_to_fp32.py"]  # no config.yaml without a config text
+    assert (final / "COMPLETE").read_text() == "10\n"
+    for stale in (".tmp-step_00000005", ".tmp-step_00000010", ".tmp-replaced-step_00000010"):
+        (root / stale / "engine").mkdir(parents=True)
+        (root / stale / "engine" / "junk.pt").write_bytes(b"half")
+    final = save_at(root, 10)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000010"]
+    assert not (final / "engine" / "junk.pt").exists()
+
+
+def test_folders_that_cannot_be_removed_never_fail_a_save(tmp_path, monkeypatch):
+    """A stale temporary folder or an old checkpoint that the disk will not let go of is left where it is (the next
+    save tries again); the new checkpoint is saved and named `latest` all the same."""
+    root = tmp_path / "checkpoints"
+    for step in (10, 20):
+        save_at(root, step, keep_last=1)
+    save_at(root, 25, keep_last=3)
+    save_at(root, 30, keep_last=3)  # saved again below
+    (root / ".tmp-step_00000015" / "engine").mkdir(parents=True)  # a crashed save
+    FailingRemovals(monkeypatch, ".tmp-step_00000015", "step_00000020", "step_00000025", ".tmp-replaced-step_00000030")
+    final = save_at(root, 30, keep_last=1)  # saved again: the old one is moved aside, then cannot be removed
+    assert latest_name(root) == "step_00000030" and (final / "COMPLETE").read_text() == "30\n"
+    assert sorted(p.name for p in root.iterdir()) == [".tmp-replaced-step_00000030", ".tmp-step_00000015", "latest",
+                                                      "step_00000020", "step_00000025", "step_00000030"]
+
+
+def test_each_rank_writes_only_its_own_files_and_only_rank_0_prepares_and_publishes(tmp_path, monkeypatch):
+    root = tmp_path / "checkpoints"
+    (root / ".tmp-step_00000003").mkdir(parents=True)  # rank 0's business, not rank 1's
+    monkeypatch.setattr(save, "dist", Ranks(1, 2, {0: None}))
+    final = save_at(root, 10, config_text="seed: 0\n")
+    assert final == root / "step_00000010" and not final.exists()  # rank 0 publishes
+    tmp = root / ".tmp-step_00000010"
+    assert sorted(p.name for p in tmp.iterdir()) == ["engine", "rank_00001.pt", "zero_to_fp32.py"]  # (the stand-in
+    # engine writes its script on every rank); no trainer.pt, config.yaml or COMPLETE
+    assert torch.load(tmp / "rank_00001.pt", weights_only=False)["loader"] == {"epoch": 0, "samples": 10}
+    assert (root / ".tmp-step_00000003").exists() and not (root / LATEST).exists()
+
+
+def test_a_folder_that_cannot_be_made_is_one_line_naming_it(tmp_path):
+    (tmp_path / "run").write_text("a file where the run folder should be")
+    root = tmp_path / "run" / "checkpoints"
+    with pytest.raises(CheckpointWriteError) as error:
+        save_at(root, 10)
+    assert str(error.value) == (f"cannot write {root / '.tmp-step_00000010'}: [Errno 20] Not a directory; no earlier "
+                                "checkpoint exists, so a relaunch starts from step 0")
+
+
+def test_a_failed_publish_removes_the_temporary_folder_and_keeps_latest(tmp_path, monkeypatch):
+    root = tmp_path / "checkpoints"
+    save_at(root, 10)
+    real_fsync = os.fsync
+
+    def fsync_fails_on_the_new_folder(fd):  # phase 3: rank 0 makes the folder durable before COMPLETE
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("/.tmp-step_00000020"):
+            raise OSError(errno.EIO, "Input/output error")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(files.os, "fsync", fsync_fails_on_the_new_folder)
+    with pytest.raises(CheckpointWriteError) as error:
+        save_at(root, 20)
+    assert str(error.value) == (f"cannot write {root / '.tmp-step_00000020'}: [Errno 5] Input/output error; the last "
+                                f"complete checkpoint {root / 'step_00000010'} is kept (latest); a relaunch resumes "
+                                "from it")
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000010"]
+
+
+class RaisingEngine(FakeEngine):
+    def save_checkpoint(self, folder, tag, save_latest):
+        raise OSError(errno.EIO, "Input/output error")  # a write outside the functions the save wraps
+
+
+def test_an_error_deepspeeds_save_raises_itself_is_one_line_at_once(tmp_path):
+    root = tmp_path / "checkpoints"
+    save_at(root, 10)
+    with pytest.raises(CheckpointWriteError) as error:
+        save_at(root, 20, engine=RaisingEngine())
+    assert str(error.value) == (f"cannot write under {root / '.tmp-step_00000020' / 'engine'}: [Errno 5] Input/output "
+                                "error (inside DeepSpeed's save_checkpoint; the other ranks stop when this process "
+                                "exits, or after collective_timeout_s); the last complete checkpoint "
+                                f"{root / 'step_00000010'} is kept (latest); a relaunch resumes from it")
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_on_two_ranks_a_failure_of_this_rank_is_shared_and_named_by_rank(tmp_path, monkeypatch, rank):
+    ranks = Ranks(rank, 2, {})
+    monkeypatch.setattr(save, "dist", ranks)
+    with pytest.raises(CheckpointWriteError) as error:
+        save._settle("cannot write x: [Errno 5] Input/output error", tmp_path, tmp_path / ".tmp-step_00000001")
+    assert str(error.value) == (f"cannot write x: [Errno 5] Input/output error (rank {rank}); no earlier checkpoint "
+                                "exists, so a relaunch starts from step 0")
+
+
+class CountingRanks(Ranks):
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.gathers = 0
+
+    def all_gather_object(self, out, mine):
+        self.gathers += 1
+        super().all_gather_object(out, mine)
+
+
+def test_one_initialized_rank_settles_without_a_collective(tmp_path, monkeypatch):
+    ranks = CountingRanks(0, 1, {})
+    monkeypatch.setattr(save, "dist", ranks)
+    save._settle(None, tmp_path, tmp_path / ".tmp-step_00000001")
+    with pytest.raises(CheckpointWriteError, match=r"^cannot write x: why; no earlier"):  # no "(rank 0)" alone
+        save._settle("cannot write x: why", tmp_path, tmp_path / ".tmp-step_00000001")
+    assert ranks.gathers == 0
+
+
+def test_a_read_only_disk_still_gives_the_one_line_failure(tmp_path, monkeypatch):
+    """The clean-up after a failure fails too (the disk went read-only): the failure reported is the first one."""
+    (tmp_path / "latest.tmp").write_text("half")
+
+    def read_only(self, missing_ok=False):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(Path, "unlink", read_only)
+    with pytest.raises(CheckpointWriteError, match=r"^cannot write x: \[Errno 28\] No space left on device; "):
+        save._settle("cannot write x: [Errno 28] No space left on device", tmp_path, tmp_path / ".tmp-step_00000001")
+
+
+def test_a_step_saved_again_replaces_the_old_folder_only_once_the_new_one_is_latest(tmp_path, monkeypatch):
+    """Resumed from step 10 while step 20 exists (checkpoint.resume=PATH), the run saves step 20 again: the old
+    step 20 is moved aside, not deleted, until the new one is named `latest`; a failure at any point of the
+    replacement leaves the old one in place, whole."""
+    root = tmp_path / "checkpoints"
+    save._publish(root, make_tmp(root, 10), root / "step_00000010", 10, keep_last=3)
+    save._publish(root, make_tmp(root, 20), root / "step_00000020", 20, keep_last=3)
+    (root / "step_00000020" / "from-the-first-run").write_text("old")
+    old = {p.relative_to(root).as_posix(): p.read_bytes() for p in (root / "step_00000020").rglob("*") if p.is_file()}
+
+    def state():
+        return {p.relative_to(root).as_posix(): p.read_bytes() for p in (root / "step_00000020").rglob("*") if p.is_file()}
+
+    real_rename, real_write_text = os.rename, files.write_text
+
+    def write_text_fails_on_latest(path, text):
+        if path.name == LATEST:
+            raise files.WriteFailed(f"cannot write {path}: [Errno 28] No space left on device")
+        return real_write_text(path, text)
+
+    for failing in ("old aside", "new in place", "latest", "new in place, and the old one not back"):
+        (root / LATEST).write_text("step_00000010\n")
+
+        def rename(source, target, failing=failing):
+            if (failing == "old aside" and Path(source).name == "step_00000020") or (
+                    failing.startswith("new in place") and Path(source).name == ".tmp-step_00000020") or (
+                    failing.endswith("not back") and Path(source).name == ".tmp-replaced-step_00000020"):
+                raise OSError(errno.EIO, "Input/output error")
+            return real_rename(source, target)
+
+        monkeypatch.setattr(save.os, "rename", rename)
+        monkeypatch.setattr(save, "write_text", write_text_fails_on_latest if failing == "latest" else real_write_text)
+        tmp = make_tmp(root, 20)
+        with pytest.raises(files.WriteFailed) as error:
+            save._publish(root, tmp, root / "step_00000020", 20, keep_last=3)
+        if failing != "latest":
+            assert str(error.value) == f"cannot write {root / 'step_00000020'}: [Errno 5] Input/output error", failing
+        shutil.rmtree(tmp, ignore_errors=True)
+        if failing.endswith("not back"):  # the first failure is the one raised; the old one is kept, whole, aside
+            assert sorted(p.name for p in root.iterdir()) == [".tmp-replaced-step_00000020", "latest", "step_00000010"]
+            real_rename(root / ".tmp-replaced-step_00000020", root / "step_00000020")
+        assert state() == old, failing  # the old checkpoint, whole, where it was
+        assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000010", "step_00000020"], failing
+    monkeypatch.setattr(save.os, "rename", real_rename)
+    monkeypatch.setattr(save, "write_text", write_text_fails_on_latest)
+    (root / LATEST).write_text("step_00000020\n")  # the old step 20 named latest while it is replaced, and the new
+    with pytest.raises(files.WriteFailed):  # one in place when `latest` (naming it already) fails: the new one stays
+        save._publish(root, make_tmp(root, 20), root / "step_00000020", 20, keep_last=3)
+    assert sorted(p.name for p in (root / "step_00000020").iterdir()) == ["COMPLETE", "engine", "trainer.pt"]
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000010", "step_00000020"]
+    monkeypatch.undo()
+    save._publish(root, make_tmp(root, 20), root / "step_00000020", 20, keep_last=3)
+    (root / "step_00000020" / "engine" / "model.pt").write_bytes(b"new weights")
+    save._publish(root, make_tmp(root, 20), root / "step_00000020", 20, keep_last=3)
+    assert (root / "step_00000020" / "engine" / "model.pt").read_bytes() == b"weights"  # replaced, once it was latest
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000010", "step_00000020"]
+
+
+def test_a_new_checkpoint_that_cannot_be_removed_after_a_failed_latest_is_still_a_one_line_failure(tmp_path, monkeypatch):
+    root = tmp_path / "checkpoints"
+    save._publish(root, make_tmp(root, 10), root / "step_00000010", 10, keep_last=3)
+    real = files.write_text
+
+    def failing(path, text):
+        if path.name == LATEST:
+            raise files.WriteFailed(f"cannot write {path}: [Errno 28] No space left on device")
+        real(path, text)
+
+    monkeypatch.setattr(save, "write_text", failing)
+    FailingRemovals(monkeypatch, "step_00000020")
+    with pytest.raises(files.WriteFailed, match="No space left on device"):
+        save._publish(root, make_tmp(root, 20), root / "step_00000020", 20, keep_last=3)
+    assert latest_name(root) == "step_00000010"
+
+
+def test_the_durable_writes_name_the_path_that_failed(tmp_path, monkeypatch):
+    with pytest.raises(files.WriteFailed) as error:
+        files.write_object(tmp_path / "missing" / "x.pt", {"a": 1})
+    assert str(error.value) == f"cannot write {tmp_path / 'missing' / 'x.pt'}: [Errno 2] No such file or directory"
+    with pytest.raises(files.WriteFailed) as error:
+        files.write_text(tmp_path / "missing" / "latest", "step_00000001\n")
+    assert str(error.value) == f"cannot write {tmp_path / 'missing' / 'latest'}: [Errno 2] No such file or directory"
+    (tmp_path / "tree" / "sub").mkdir(parents=True)
+    (tmp_path / "tree" / "sub" / "a.pt").write_bytes(b"a")
+    real_fsync = os.fsync
+    for failing in ("a.pt", "sub"):
+        def fsync(fd, failing=failing):
+            if os.readlink(f"/proc/self/fd/{fd}").endswith(f"/{failing}"):
+                raise OSError(errno.EIO, "Input/output error")
+            return real_fsync(fd)
+
+        monkeypatch.setattr(files.os, "fsync", fsync)
+        with pytest.raises(files.WriteFailed) as error:
+            files.fsync_tree(tmp_path / "tree")
+        where = tmp_path / "tree" / "sub" / ("a.pt" if failing == "a.pt" else "")
+        assert str(error.value) == f"cannot write {str(where).rstrip('/')}: [Errno 5] Input/output error"

@@ -57,7 +57,8 @@ MODULES: dict[str, list[str]] = {
     "pipeline/backends/source.py": ["tests/test_backends.py", "tests/test_source_paths.py"],
     "train/clipping.py": ["tests/test_clipping.py", "tests/test_clipping_paths.py"],
     "train/loop.py": ["tests/test_train_engine.py", "tests/test_loop_paths.py", "-m", "not slow"],
-    "train/checkpoint/*": ["tests/test_checkpoint.py", "tests/test_run_folder.py", "tests/test_checkpoint_ordering.py", "-m", "not slow"],
+    "train/checkpoint/*": ["tests/test_checkpoint.py", "tests/test_run_folder.py", "tests/test_checkpoint_ordering.py",
+                           "tests/test_resume_paths.py", "tests/test_resize.py", "-m", "not slow"],
     "pipeline/loader.py": ["tests/test_loader.py", "tests/test_loader_bounds.py", "-m", "not slow"],
 }
 # (pytest arguments may follow the files: "-m not slow" leaves out the tests that train a model or start a CLI in a

@@ -58,7 +58,7 @@ def _start_folder(root: Path, tmp: Path) -> None:
 
 
 def _write_parts(tmp: Path, rank: int, step: int, *, engine, teacher, losses, loader_state, extra,
-                 config_text: str = "") -> str | None:
+                 config_text: str) -> str | None:
     """Every rank: DeepSpeed's files, this rank's RNG + loader file, and (rank 0) trainer.pt and the config
     the checkpoint was trained with (`config.yaml`: what its evaluations and relaunches read). Returns
     the first failure (a one-line description) or None; never raises a write error past DeepSpeed's barriers."""
@@ -83,14 +83,20 @@ def _write_parts(tmp: Path, rank: int, step: int, *, engine, teacher, losses, lo
 
 
 def _publish(root: Path, tmp: Path, final: Path, step: int, keep_last: int) -> None:
-    """Rank 0, after every rank wrote its files: make `tmp` durable and complete, then the `latest`."""
+    """Rank 0, after every rank wrote its files: make `tmp` durable and complete, then the `latest`.
+
+    The same step saved again (a run resumed from an earlier checkpoint than its latest) replaces the old
+    folder, which is moved aside, not deleted, until the new one is in place and named `latest`: `latest` may
+    name it, and a save that fails puts it back."""
     fsync_tree(tmp)
     write_text(tmp / "COMPLETE", f"{step}\n")
+    replaced = root / f".tmp-replaced-{final.name}"  # a `.tmp-*`: the next save removes one a crash left
     renamed = False
     try:
         with writing(final):
-            if final.exists():  # the same step saved again (e.g. a run restarted with checkpoint.resume=none)
-                shutil.rmtree(final)
+            if final.exists():
+                shutil.rmtree(replaced, ignore_errors=True)
+                os.rename(final, replaced)
             os.rename(tmp, final)
             renamed = True
             fsync_dir(root)
@@ -98,7 +104,13 @@ def _publish(root: Path, tmp: Path, final: Path, step: int, keep_last: int) -> N
     except WriteFailed:
         if renamed and latest_name(root) != final.name:  # never leave a complete checkpoint that is not `latest`
             shutil.rmtree(final, ignore_errors=True)
+        if replaced.exists() and not final.exists():
+            with contextlib.suppress(OSError):  # the failure being raised is the one to report
+                os.rename(replaced, final)
+        if final.exists():  # the new one, named `latest` (the name was already there), or the old one put back
+            shutil.rmtree(replaced, ignore_errors=True)
         raise
+    shutil.rmtree(replaced, ignore_errors=True)
     _prune(root, keep_last, newest=final)
 
 
