@@ -25,7 +25,8 @@ from train.checkpoint.layout import LATEST, kept, latest_name
 
 
 class Disk:
-    """Spies on the calls that make files durable or visible, in order, with paths relative to `root`."""
+    """Spies on the calls that make files durable or visible, in order, with paths relative to `root` (on the one
+    `os` module: the universal conversion's rename too)."""
 
     def __init__(self, monkeypatch, root: Path):
         self.events = []
@@ -115,10 +116,11 @@ def test_prune_keeps_the_newest_up_to_the_new_one_and_never_later_steps(tmp_path
 
 
 class Ranks:
-    """all_gather_object as rank `rank` of a world whose other ranks report `others` (rank -> failure or None)."""
+    """torch.distributed as seen by rank `rank` of `world` ranks: all_gather_object fills in the other ranks' objects
+    from `others` (rank -> object; None where missing) and records this rank's in `gathers`."""
 
-    def __init__(self, rank: int, world: int, others: dict[int, str | None]):
-        self.rank, self.world, self.others = rank, world, others
+    def __init__(self, rank: int, world: int, others: dict | None = None):
+        self.rank, self.world, self.others, self.gathers = rank, world, others or {}, []
 
     def is_initialized(self):
         return True
@@ -130,6 +132,7 @@ class Ranks:
         return self.world
 
     def all_gather_object(self, out, mine):
+        self.gathers.append(mine)
         for r in range(self.world):
             out[r] = mine if r == self.rank else self.others.get(r)
 
@@ -477,23 +480,13 @@ def test_on_two_ranks_a_failure_of_this_rank_is_shared_and_named_by_rank(tmp_pat
                                 "exists, so a relaunch starts from step 0")
 
 
-class CountingRanks(Ranks):
-    def __init__(self, *args):
-        super().__init__(*args)
-        self.gathers = 0
-
-    def all_gather_object(self, out, mine):
-        self.gathers += 1
-        super().all_gather_object(out, mine)
-
-
 def test_one_initialized_rank_settles_without_a_collective(tmp_path, monkeypatch):
-    ranks = CountingRanks(0, 1, {})
+    ranks = Ranks(0, 1)
     monkeypatch.setattr(save, "dist", ranks)
     save._settle(None, tmp_path, tmp_path / ".tmp-step_00000001")
     with pytest.raises(CheckpointWriteError, match=r"^cannot write x: why; no earlier"):  # no "(rank 0)" alone
         save._settle("cannot write x: why", tmp_path, tmp_path / ".tmp-step_00000001")
-    assert ranks.gathers == 0
+    assert ranks.gathers == []
 
 
 def test_a_read_only_disk_still_gives_the_one_line_failure(tmp_path, monkeypatch):

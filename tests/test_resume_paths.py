@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import random
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,6 +19,7 @@ import pytest
 import torch
 from torch import nn
 
+from test_checkpoint_ordering import Disk, FailingRemovals, Ranks
 import train.checkpoint.files as files
 import train.checkpoint.resume as resume
 import train.checkpoint.universal as universal
@@ -46,28 +46,6 @@ class Engine:
 
     def empty_partition_cache(self):
         self.partition_cache_emptied += 1
-
-
-class Rank:
-    """torch.distributed as seen by rank `rank` of `world` ranks; all_gather_object fills in the other ranks'
-    objects from `others` and records each call."""
-
-    def __init__(self, rank: int, world: int, others: dict | None = None):
-        self.rank, self.world, self.others, self.gathers = rank, world, others or {}, []
-
-    def is_initialized(self):
-        return True
-
-    def get_rank(self):
-        return self.rank
-
-    def get_world_size(self):
-        return self.world
-
-    def all_gather_object(self, out, mine):
-        self.gathers.append(mine)
-        for r in range(self.world):
-            out[r] = mine if r == self.rank else self.others.get(r)
 
 
 def module_with_centre(value: float) -> nn.Module:
@@ -106,7 +84,7 @@ def resize(world_from=2, world=3, stage_from=2, stage=2) -> Resize:
 @pytest.mark.parametrize("rank", [0, 1])
 def test_each_rank_reads_its_own_rank_file_and_the_shared_trainer_state(tmp_path, monkeypatch, rank):
     path = write_checkpoint(tmp_path)
-    monkeypatch.setattr(resume, "dist", Rank(rank, 2))
+    monkeypatch.setattr(resume, "dist", Ranks(rank, 2))
     engine = Engine()
     state, teacher, losses = load(path, engine)
     assert state == {"step": STEP, "config": {"seed": 0}, "loader": {"epoch": 1, "samples": 24, "written_by": rank},
@@ -119,7 +97,7 @@ def test_a_resized_rank_reads_rank_0s_file_even_where_its_own_does_not_exist(tmp
     """ZeRO-0 -> ZeRO-0 on 3 ranks from 2: rank 2 has no file of its own; the loader state is alike in every rank's
     file (samples of the epoch's global order), so rank 0's is read; the engine loads the checkpoint as it is."""
     path = write_checkpoint(tmp_path, ranks=1)
-    monkeypatch.setattr(resume, "dist", Rank(2, 3))
+    monkeypatch.setattr(resume, "dist", Ranks(2, 3))
     engine = Engine()
     with caplog.at_level(logging.INFO, logger="train.checkpoint"):
         state, _, _ = load(path, engine, resize(2, 3, 0, 0))
@@ -134,7 +112,7 @@ def test_a_resized_rank_reads_rank_0s_file_even_where_its_own_does_not_exist(tmp
 
 def test_without_a_resize_a_rank_whose_file_is_missing_is_told_so(tmp_path, monkeypatch):
     path = write_checkpoint(tmp_path, ranks=1)
-    monkeypatch.setattr(resume, "dist", Rank(1, 2))
+    monkeypatch.setattr(resume, "dist", Ranks(1, 2))
     with pytest.raises(CheckpointReadError) as error:
         load(path, Engine())
     assert str(error.value) == (f"cannot read {path / 'rank_00001.pt'}: missing; this checkpoint is damaged: start over "
@@ -159,7 +137,7 @@ def test_a_missing_engine_folder_or_trainer_state_is_named_before_the_engine_loa
 def test_a_converting_resize_loads_the_universal_folder_with_deepspeeds_setting_then_puts_it_back(
         tmp_path, monkeypatch, caplog, stage, emptied, seconds, how):
     path = write_checkpoint(tmp_path)
-    monkeypatch.setattr(resume, "dist", Rank(0, 3))
+    monkeypatch.setattr(resume, "dist", Ranks(0, 3))
     converted = []
     monkeypatch.setattr(resume, "ensure_universal",
                         lambda checkpoint: converted.append(checkpoint) or (checkpoint / "universal", seconds))
@@ -315,22 +293,6 @@ def test_the_cuda_generator_is_saved_and_restored_only_where_cuda_is_there(monke
 
 # --- the universal conversion --------------------------------------------------------------------------------------
 
-class Disk:
-    """Spies on fsync and rename in the conversion, with paths relative to `root`."""
-
-    def __init__(self, monkeypatch, root: Path):
-        self.events = []
-        real_fsync, real_rename = os.fsync, os.rename
-
-        def name(path) -> str:
-            return Path(os.path.relpath(path, root.resolve())).as_posix()
-
-        monkeypatch.setattr(files.os, "fsync", lambda fd: self.events.append(("fsync", name(os.readlink(f"/proc/self/fd/{fd}"))))
-                            or real_fsync(fd))
-        monkeypatch.setattr(universal.os, "rename", lambda a, b: self.events.append(("rename", name(a), name(b)))
-                            or real_rename(a, b))
-
-
 def converts(calls: list):
     def run(engine_folder: Path, output: Path) -> None:
         calls.append((engine_folder, output))
@@ -416,8 +378,6 @@ def test_a_temporary_folder_that_cannot_be_made_is_a_one_line_failure(tmp_path, 
 @pytest.mark.parametrize("failure", [universal.WriteFailed("cannot write x: [Errno 5] Input/output error"),
                                      AssertionError("a damaged shard")])
 def test_a_failed_conversion_whose_clean_up_fails_too_is_still_one_line(tmp_path, monkeypatch, failure):
-    from test_checkpoint_ordering import FailingRemovals
-
     checkpoint = tmp_path / "step_00000002"
     (checkpoint / "engine").mkdir(parents=True)
 
@@ -453,7 +413,7 @@ def test_the_other_ranks_take_rank_0s_outcome_without_converting(tmp_path, monke
     (checkpoint / "engine").mkdir(parents=True)
     calls = []
     monkeypatch.setattr(universal, "run_ds_to_universal", converts(calls))
-    ranks = Rank(1, 3, {0: (failure, 12.5), 2: (None, None)})
+    ranks = Ranks(1, 3, {0: (failure, 12.5), 2: (None, None)})
     monkeypatch.setattr(universal, "dist", ranks)
     if failure:
         with pytest.raises(universal.ConversionFailed) as error:
@@ -469,11 +429,11 @@ def test_rank_0_converts_and_hands_its_outcome_to_the_others(tmp_path, monkeypat
     (checkpoint / "engine").mkdir(parents=True)
     calls = []
     monkeypatch.setattr(universal, "run_ds_to_universal", converts(calls))
-    ranks = Rank(0, 2)
+    ranks = Ranks(0, 2)
     monkeypatch.setattr(universal, "dist", ranks)
     folder, seconds = universal.ensure_universal(checkpoint)
     assert len(calls) == 1 and ranks.gathers == [(None, seconds)] and seconds > 0
-    one = Rank(0, 1)
+    one = Ranks(0, 1)
     monkeypatch.setattr(universal, "dist", one)
     assert universal.ensure_universal(checkpoint) == (folder, None) and one.gathers == []  # one rank: nothing to gather
 
