@@ -347,6 +347,7 @@ def test_reference_nested_crops_stay_inside_global_crop_zero(beton):
 
 
 @pytest.mark.gpu
+@pytest.mark.dali
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_decoders_match_cpu(beton):
     from pipeline.backends.dali import DaliCanvasDecoder
@@ -397,10 +398,10 @@ def test_gpu_batched_canvas_matches_the_per_image_resize():
 
 
 @pytest.mark.gpu
+@pytest.mark.dali
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_dali_canvas_survives_the_next_run(beton):
     """feed_ndarray's copy out of DALI's buffer is finished before the next run() may overwrite it."""
-    pytest.importorskip("nvidia.dali")
     from pipeline.backends.dali import DaliCanvasDecoder
 
     source = open_source(beton)

@@ -11,14 +11,19 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 CALLS = {  # run.sh mode: the stages it runs, in order (the smoke runs all three calls' stages)
-    "core": ["machine", "corpus", "train_adclr_vit_s16", "views_ffcv_vs_reference", "views_engine"],
-    "dali": ["views_dali_vs_dali-ops", "gpu_tests", "train_dino_vit_s16"],
-    "more": ["train_adclr_vit_b16", "train_adclr_vit_s16_zero0", "train_adclr_vit_s16_zero3", "views_dali_vs_reference"],
+    "core": ["machine", "corpus", "gpu_tests", "train_ibot_vit_s16", "train_dinov2_vit_s16", "views_engine",
+             "views_profile", "train_adclr_vit_s16"],
+    "dali": ["views_dali_vs_dali-ops", "gpu_tests_dali", "train_dino_vit_s16"],
+    "more": ["views_ffcv_vs_reference", "train_adclr_vit_b16", "train_adclr_vit_s16_zero0", "train_adclr_vit_s16_zero3",
+             "views_dali_vs_reference"],
 }
 TRAINING = {  # stage: (zero stage, backend, methods)
+    "train_ibot_vit_s16": (2, "ffcv", ["dino", "ibot"]),
+    "train_dinov2_vit_s16": (2, "ffcv", ["dino", "ibot", "koleo"]),
     "train_adclr_vit_s16": (2, "ffcv", ["dino", "adclr"]),
     "train_dino_vit_s16": (2, "dali", ["dino"]),
     "train_adclr_vit_b16": (2, "ffcv", ["dino", "adclr"]),
@@ -55,7 +60,7 @@ def test_cpu_smoke_runs_every_stage_and_leaves_its_files(smoke):
         assert line.startswith(f"{name}: exit 0 after "), line
     assert ": skipped (" not in "\n".join(summary)
 
-    corpus = json.loads((out / "corpus.json").read_text())
+    corpus = json.loads((out / "work" / "results" / "corpus.json").read_text())  # stays on the device
     assert corpus["count"] == 48 and corpus["records_per_s"] > 0 and corpus["workers"] == 2
     for name, (zero, backend, methods) in TRAINING.items():
         figures = json.loads((out / f"{name}.json").read_text())
@@ -68,13 +73,21 @@ def test_cpu_smoke_runs_every_stage_and_leaves_its_files(smoke):
         assert [b["backend"] for b in results["backends"]] == backends and results["args"]["swap"] is swap
         assert results["ratio"] == pytest.approx(results["backends"][0]["images_per_s"] / results["backends"][1]["images_per_s"])
         assert f"{backends[0]}/{backends[1]} {results['ratio']:.2f}x" in status[name]
-    engine = json.loads((out / "views_engine.json").read_text())
-    assert engine["swap"] and [run["engine"] for run in engine["results"]] == ["eager"]
-    run = engine["results"][0]
-    assert run["batch_size"] == 8 and run["images_per_s"] == pytest.approx(1000 * 8 / run["median_ms"])
-    assert run["kernels"] and f"eager {run['median_ms']:.1f} ms per batch of 8" in status["views_engine"]
-    # pytest's own result line (on the H200 a NCCL warning printed after it once took its place)
-    assert re.search(r"; \d+ (passed|skipped).* in [0-9.]+s$", status["gpu_tests"]), status["gpu_tests"]
+    engine = json.loads((out / "views_engine.json").read_text())  # the DINOv2 recipe's masks, with and without
+    assert engine["recipe"] == "dinov2" and [run["engine"] for run in engine["results"]] == ["eager", "eager-no-masks"]
+    for run in engine["results"]:
+        assert run["batch_size"] == 8 and run["images_per_s"] == pytest.approx(1000 * 8 / run["median_ms"])
+        assert run["kernels"] and f"{run['engine']} {run['median_ms']:.1f} ms per batch of 8" in status["views_engine"]
+    cost = engine["results"][0]["median_ms"] - engine["results"][1]["median_ms"]
+    assert f"masks cost {cost:+.1f} ms per batch" in status["views_engine"]
+    profile = json.loads((out / "views_profile.json").read_text())  # the ffcv loader's time split per stage
+    assert profile["args"]["profile"] and profile["args"]["swap"] and [b["backend"] for b in profile["backends"]] == ["ffcv"]
+    split = profile["backends"][0]["ms_per_batch_by_stage"]
+    assert {"read", "decode", "views"} <= set(split) and f"ffcv ms per batch by stage: read {split['read']:.1f}, " in status["views_profile"]
+    # pytest's own result line (on the H200 a NCCL warning printed after it once took its place); the
+    # first call's tests need no DALI (it is not installed yet), the dali call's are the rest
+    for name in ("gpu_tests", "gpu_tests_dali"):
+        assert re.search(r"; \d+ (passed|skipped).* in [0-9.]+s$", status[name]), status[name]
     assert (out / "figures.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     log = (out / "run.log").read_text()
     assert all(f"=== {name}: exit 0" in log for name in stages)
@@ -88,7 +101,7 @@ def test_a_short_budget_skips_stages_with_a_line(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     summary = (out / "summary.txt").read_text()
     assert summary.splitlines()[0].endswith("mode core, budget 40 s") and "machine: exit 0 after" in summary
-    for name, limit in (("corpus", 120), ("train_adclr_vit_s16", 150), ("views_ffcv_vs_reference", 110)):
+    for name, limit in (("corpus", 120), ("gpu_tests", 150), ("train_ibot_vit_s16", 150), ("views_profile", 110)):
         assert f"{name}: skipped (" in summary and f"it may take {limit} s)" in summary, summary
     assert "figures: exit 0 after" in summary and (out / "figures.png").exists()
 
@@ -100,13 +113,15 @@ def test_report_summarizes_and_plots_the_smokes_json(smoke, tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks" / "gpu"))
     import report
 
-    results = report.collect([smoke])
-    assert sorted(results) == sorted(["corpus", "views_engine", *TRAINING, *VIEWS])
+    results = report.collect([smoke / "work" / "results"])  # run.sh's own plot reads this folder
+    assert sorted(results) == sorted(["corpus", "views_engine", "views_profile", *TRAINING, *VIEWS])
     assert report.line(results["corpus"]).startswith(f"48 records, mean {results['corpus']['mean_kb']:.1f} KB")
     drawn = report.plot(results, tmp_path / "figures.png")
     assert (tmp_path / "figures.png").read_bytes()[:4] == b"\x89PNG"
     expected_bars = {(f"{name}: {row['backend']}", row["images_per_s"]) for name in VIEWS for row in results[name]["backends"]}
-    expected_bars.add(("views_engine: engine alone, eager", results["views_engine"]["results"][0]["images_per_s"]))
+    expected_bars |= {(f"views_engine: engine alone, {run['engine']}", run["images_per_s"])
+                      for run in results["views_engine"]["results"]}
+    expected_bars.add(("views_profile: ffcv", results["views_profile"]["backends"][0]["images_per_s"]))
     assert {(label.split(" (")[0] + ": " + label.split(": ")[-1], rate) for label, rate in drawn["views"]} == expected_bars
     assert set(drawn["train"]) == set(TRAINING)
     for name, parts in drawn["train"].items():
@@ -117,3 +132,31 @@ def test_report_summarizes_and_plots_the_smokes_json(smoke, tmp_path):
         busy = 1000 * (figures["data_wait_s"] + figures["forward_backward_s"] + figures["optimizer_s"])
         split = sum(v for k, v in parts.items() if k != "views")
         assert split == pytest.approx(max(1000 * figures["step_time_s"], busy))  # the rest fills up to the step time
+
+
+class CollectedItem:
+    """What conftest's collection hook reads of a test (its keywords) and writes (skip markers)."""
+
+    def __init__(self, *keywords: str):
+        self.keywords, self.skip_reasons = set(keywords), []
+
+    def add_marker(self, marker) -> None:
+        self.skip_reasons.append(marker.kwargs["reason"])
+
+
+@pytest.mark.parametrize("cuda", [True, False], ids=["cuda", "no-cuda"])
+def test_dali_marked_tests_skip_where_dali_is_missing(cuda, monkeypatch):
+    """The lease's first call has CUDA but no DALI: `-m "gpu and not dali"` runs there, and a DALI-marked test
+    that is selected anyway skips with a reason instead of failing on its import."""
+    import importlib.util
+
+    import conftest
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None if name.startswith("nvidia") else find_spec(name, *rest))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    items = [CollectedItem("gpu", "dali"), CollectedItem("gpu"), CollectedItem("dali"), CollectedItem()]
+    conftest.pytest_collection_modifyitems(None, items)
+    no_cuda, no_dali = "needs CUDA (torch.cuda.is_available() is false)", "needs nvidia.dali (not installed)"
+    expected = [[no_dali], [], [no_dali], []] if cuda else [[no_cuda, no_dali], [no_cuda], [no_dali], []]
+    assert [item.skip_reasons for item in items] == expected

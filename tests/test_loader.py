@@ -226,7 +226,7 @@ def test_eval_loader_is_deterministic_and_sharded(beton):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("backend", ("dali", "ffcv"))
+@pytest.mark.parametrize("backend", (pytest.param("dali", marks=pytest.mark.dali), "ffcv"))
 def test_gpu_loader_matches_the_cpu_boxes(beton, recipe, backend):
     cpu_views = next(iter(make_loader(beton, recipe, backend)))
     data = DataConfig(path=str(beton), backend=backend, batch_size=4, workers=2, canvas_size=64, dtype="bfloat16")

@@ -173,12 +173,10 @@ def test_prefetch_zero_runs_everything_inline(loaders):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("backend", ("ffcv", "dali"))
+@pytest.mark.parametrize("backend", ("ffcv", pytest.param("dali", marks=pytest.mark.dali)))
 def test_gpu_views_ahead_match_inline_views_and_report_device_time(beton, recipe, backend):
     """On CUDA: views made on the views thread's stream equal the ones made inline on the consumer's stream,
     and take_views_seconds reads the CUDA events of the batches handed over (after a host sync)."""
-    if backend == "dali":
-        pytest.importorskip("nvidia.dali")
     data = DataConfig(path=str(beton), backend=backend, batch_size=4, workers=2, canvas_size=64, dtype="bfloat16")
     loader = build_loader(data, recipe, device="cuda", seed=1)
     ahead = collect(loader)

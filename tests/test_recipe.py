@@ -191,7 +191,7 @@ def test_reference_draws_the_released_per_view_choice_of_blur_and_solarize(monke
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
-    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])])
+    pytest.mark.gpu, pytest.mark.dali, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])])
 def test_dali_ops_graph_applies_the_alternative_setting(beton, device):
     """The op-per-view DALI baseline honours `alt_p`: a crop that drew the alternative uses alt_solarize_p.
     Solarizing at threshold 0 inverts every pixel, so the crops' mean red level tells: base colour (index

@@ -51,7 +51,7 @@ echo
 echo "Device calls, back to back (the machine goes back after ~30 s idle); budgets from status's budget_left_s:"
 for k in $(seq 1 "$parts"); do
     if (( k == last_core )); then
-        echo "  run(command=\"bash .gpu-kit/$k/kit.sh && source /tmp/kit/env.sh && bash benchmarks/gpu/run.sh core\", carry=[\".gpu-kit/$k\", \".gpu-photos\"], timeout_s=480)"
+        echo "  run(command=\"bash .gpu-kit/$k/kit.sh && source /tmp/kit/env.sh && bash benchmarks/gpu/run.sh core\", carry=[\".gpu-kit/$k\", \".gpu-photos\"], timeout_s=540)"
     elif (( k == last_dali )); then
         echo "  run(command=\"bash .gpu-kit/$k/kit.sh && source /tmp/kit/env.sh && bash benchmarks/gpu/run.sh dali --budget B\", carry=[\".gpu-kit/$k\"], timeout_s=B+120)"
     else

@@ -1,14 +1,16 @@
 """Where the views engine spends its device time: one batch's kernels, eager and (optionally) compiled.
 
     python3 benchmarks/gpu/profile_views.py --data bench.beton [--batch-size 256] [--recipe adclr --swap]
-                                            [--compile] [--device cuda] [--json out.json]
+                                            [--compile] [--without-masks] [--device cuda] [--json out.json]
 
 Decoding is left out on purpose: a canvas batch of real photos (the first `--batch-size` records, shrunk
 on the host as `pipeline.show` does) is put on the device once, then `ViewsEngine.make_views` runs
 `--warmup` times and `--runs` times timed with device events (median), and once more under
 `torch.profiler`, whose kernel table (top `--top` by device time) is printed and kept in the JSON. With
 `--compile` the same is done for the engine with `compile=True` (its photometric ops through
-`torch.compile`), after its compile. This is the figure for the views engine alone; `pipeline.bench`
+`torch.compile`), after its compile. With `--without-masks` (a recipe with iBOT/DINOv2 block masks) the
+eager engine also runs with the masks off, on the same canvases: the two medians give the masks' cost.
+This is the figure for the views engine alone; `pipeline.bench`
 measures it with decoding and the loader's threads around it.
 """
 from __future__ import annotations
@@ -95,6 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--compile", action="store_true", help="also the engine with compile=True")
+    parser.add_argument("--without-masks", action="store_true", help="also the eager engine with the recipe's masks off")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
 
@@ -112,6 +115,11 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
               "torch": torch.__version__, "recipe": args.recipe, "swap": args.swap, "results": []}
     engines = [("eager", ViewsEngine(recipe, device))]
+    if args.without_masks:
+        if not recipe.masks.enabled:
+            parser.error(f"--without-masks: recipe {args.recipe!r} makes no masks (ibot and dinov2 do)")
+        unmasked = dataclasses.replace(recipe, masks=dataclasses.replace(recipe.masks, enabled=False))
+        engines.append(("eager-no-masks", ViewsEngine(unmasked, device)))
     if args.compile:
         engines.append(("compiled", ViewsEngine(recipe, device, compile=True)))
     for name, engine in engines:

@@ -45,6 +45,10 @@ def line(result: dict) -> str:
 
 def views_line(result: dict) -> str:
     parts = [f"{b['backend']} {b['images_per_s']:.1f} img/s (p50 {_ms(b['ms_per_batch_p50'])} ms/batch)" for b in result["backends"]]
+    for backend in result["backends"]:  # pipeline.bench --profile: the time of a batch split per stage
+        if "ms_per_batch_by_stage" in backend:
+            split = ", ".join(f"{stage} {ms:.1f}" for stage, ms in backend["ms_per_batch_by_stage"].items())
+            parts.append(f"{backend['backend']} ms per batch by stage: {split}")
     if "ratio" in result:
         first, second = (b["backend"] for b in result["backends"])
         parts.append(f"{first}/{second} {result['ratio']:.2f}x")
@@ -81,6 +85,10 @@ def engine_line(result: dict) -> str:
         top = ", ".join(f"{k['name'].removeprefix('aten::')} {k['self_ms']:.1f} ms" for k in ops)
         parts.append(f"{run['engine']} {run['median_ms']:.1f} ms per batch of {run['batch_size']} "
                      f"({run['images_per_s']:,.0f} img/s; top: {top})")
+    medians = {run["engine"]: run["median_ms"] for run in result["results"]}
+    if "eager" in medians and "eager-no-masks" in medians:  # profile_views.py --without-masks
+        cost = medians["eager"] - medians["eager-no-masks"]
+        parts.append(f"masks cost {cost:+.1f} ms per batch ({100 * cost / medians['eager-no-masks']:+.0f}%)")
     return "; ".join(parts)
 
 
@@ -120,7 +128,7 @@ def plot(results: dict[str, dict], out: Path) -> dict:
 
 
 def _views_panel(axis, views: dict) -> list:
-    axis.set_title("views, ADCLR recipe: images/s per backend (a run measures its two backends in turns)")
+    axis.set_title("views: images/s (ADCLR recipe unless named; a --vs run measures its two backends in turns)")
     if not views:
         axis.text(0.5, 0.5, "no views run yet", ha="center", va="center", transform=axis.transAxes)
         axis.set_axis_off()
@@ -130,12 +138,15 @@ def _views_panel(axis, views: dict) -> list:
     for name, result in views.items():
         if kind(result) == "engine":  # the engine alone, canvas already on the device
             for run in result["results"]:
-                labels.append(f"{name}{' (swaps)' if result.get('swap') else ''}: engine alone, {run['engine']}")
+                recipe = f"{result.get('recipe', 'adclr')} recipe{', swaps' if result.get('swap') else ''}"
+                labels.append(f"{name} ({recipe}): engine alone, {run['engine']}")
                 rates.append(run["images_per_s"])
                 colours.append("tab:olive")
             continue
         swaps = ", swaps" if result.get("args", {}).get("swap") else ""
         ratio = f" ({result['ratio']:.1f}x{swaps})" if "ratio" in result else ""
+        if result.get("args", {}).get("profile"):  # each stage synchronized: slower than the loader runs
+            ratio = f" (--profile: stages synchronized{swaps})"
         for row in result["backends"]:
             labels.append(f"{name}{ratio}: {row['backend']}")
             rates.append(row["images_per_s"])

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # The GPU measurements of one lease, in calls (benchmarks/gpu/README.md has the exact device calls):
-#   bash benchmarks/gpu/run.sh core [--budget S]   call 1, with the core kit: machine facts, the corpus,
-#                                                   ViT-S/16 ADCLR training from the .beton, ffcv views vs PIL,
-#                                                   the views engine alone (its top kernels)
+#   bash benchmarks/gpu/run.sh core [--budget S]   call 1, with the core kit: machine facts, the corpus, the
+#                                                   GPU-marked tests that need no DALI, the iBOT and DINOv2
+#                                                   presets' training, the views engine alone with and without
+#                                                   masks, the ffcv loader's time split per stage
+#                                                   (--profile), ViT-S/16 ADCLR training (the headline)
 #   bash benchmarks/gpu/run.sh dali [--budget S]   the call that installs DALI: dali views vs the op-per-view
-#                                                   DALI graph, the GPU-marked tests, DINO ViT-S/16 training
-#   bash benchmarks/gpu/run.sh more [--budget S]   if device time is left: ADCLR ViT-B/16, ZeRO-0/3, dali vs PIL
+#                                                   DALI graph, the DALI-marked GPU tests, DINO ViT-S/16 training
+#   bash benchmarks/gpu/run.sh more [--budget S]   if device time is left: ADCLR ViT-B/16, ZeRO-0/3, ffcv and
+#                                                   dali vs PIL
 #   bash benchmarks/gpu/run.sh --cpu-smoke [--out DIR]   every stage here, on the CPU, tiny (tests/test_gpu_script.py)
 #
 # Decisions (issue 12 item 6):
@@ -14,7 +17,8 @@
 # - Each stage appends, as it ends, to $OUT/summary.txt (one line: exit code, seconds, headline figures)
 #   and $OUT/run.log (its whole output), and its JSON goes straight to $OUT (pipeline.bench rewrites its
 #   JSON after every round and on SIGTERM, train/main.py --benchmark reports what it measured when
-#   stopped): a call cut short still returns what finished. At most 7 files per call (8 come back).
+#   stopped): a call cut short still returns what finished. At most 8 files per call (8 come back): the
+#   corpus report stays on the device (its line is in summary.txt, its output in run.log).
 # - The corpus is built on the device from the carried photos (.gpu-photos, made by prepare.sh) into
 #   /tmp/gpu-bench, which lives as long as the machine stays warm; each stage's JSON is also kept there,
 #   so the last call's figures.png plots every call of the lease.
@@ -35,7 +39,7 @@ while (( $# )); do
     esac
 done
 case $mode in
-    core) budget=${budget:-330} ;;
+    core) budget=${budget:-420} ;;
     dali) budget=${budget:-300} ;;
     more) budget=${budget:-480} ;;
     --cpu-smoke) budget=${budget:-900} ;;
@@ -46,7 +50,7 @@ if [[ $mode == --cpu-smoke ]]; then  # tiny sizes on the CPU; every stage of eve
     OUT=${out_dir:-${OUT:-/tmp/densessl-gpu-smoke}}
     work=$OUT/work
     rm -rf "$work"
-    device=cpu workers=2 views_batch=8 train_batch=8 views_seconds=3 bench_flags="--tiny --warmup-batches 1 --segment-batches 1"
+    device=cpu workers=2 views_batch=8 train_batch=8 views_seconds=3 profile_seconds=3 bench_flags="--tiny --warmup-batches 1 --segment-batches 1"
     corpus_count=48 train_steps="--benchmark 2 --warmup-steps 1" engine_flags="--tiny --warmup 1 --runs 2"
     train_config=(--config configs/cpu_smoke.yaml data.canvas_size=96)
     mkdir -p "$work"  # the Python commands run in a pre-warmed interpreter (warm_python.py says why)
@@ -60,7 +64,7 @@ else
     [[ -f /tmp/kit/env.sh ]] && source /tmp/kit/env.sh
     OUT=${out_dir:-${OUT:-/tmp/out}}
     work=${GPU_BENCH_WORK:-/tmp/gpu-bench}
-    device=cuda workers=16 views_batch=256 train_batch=256 views_seconds=50 bench_flags=""
+    device=cuda workers=16 views_batch=256 train_batch=256 views_seconds=50 profile_seconds=30 bench_flags=""
     corpus_count=8000 train_steps="--benchmark 30 --warmup-steps 10" engine_flags=""
     train_config=(log.progress_bar=false)
     PY=(python3)
@@ -90,11 +94,12 @@ stage() {  # stage NAME LIMIT_S COMMAND...: run it if the time left allows; appe
     rc=$?
     local took=$(( $(date +%s) - started ))
     { echo "=== $name: exit $rc after ${took} s: $*"; cat "$work/$name.log"; echo; } >> "$OUT/run.log"
-    local figures=""
-    if [[ -f $OUT/$name.json ]]; then
-        cp "$OUT/$name.json" "$work/results/$name.json"
-        figures="; $(python3 benchmarks/gpu/report.py line "$OUT/$name.json" 2>&1)"
-    elif [[ $name == gpu_tests ]]; then
+    local figures="" json=$OUT/$name.json
+    [[ $name == corpus ]] && json=$work/results/corpus.json  # kept on the device: 8 files come back
+    if [[ -f $json ]]; then
+        [[ $json == "$OUT/$name.json" ]] && cp "$json" "$work/results/$name.json"
+        figures="; $(python3 benchmarks/gpu/report.py line "$json" 2>&1)"
+    elif [[ $name == gpu_tests* ]]; then
         # pytest's result line ("19 passed, ... in 42.79s"), not whatever a library printed at exit after it
         figures="; $(grep -E '(passed|failed|skipped|error).* in [0-9.]+s' "$work/$name.log" | tail -n 1)"
     fi
@@ -135,15 +140,16 @@ for i in range(4):
     fi
 }
 
-build_corpus() {  # corpus.json: the build's report (records, mean KB, seconds, records/s, quality)
-    [[ -f $beton ]] && { python3 -c "import json,sys; print(json.dumps({'reused': sys.argv[1]}))" "$beton" > "$OUT/corpus.json"; return 0; }
+build_corpus() {  # corpus.json (on the device): the build's report (records, mean KB, seconds, records/s, quality)
+    local report=$work/results/corpus.json
+    [[ -f $beton ]] && { python3 -c "import json,sys; print(json.dumps({'reused': sys.argv[1]}))" "$beton" > "$report"; return 0; }
     python3 -c "
 import json, sys
 sys.path.insert(0, 'benchmarks')
 import make_bench_corpus
 report = make_bench_corpus.main(sys.argv[2:])
 json.dump({**report, 'records_per_s': report['count'] / report['seconds'], 'workers': int(sys.argv[sys.argv.index('--workers') + 1])},
-          open(sys.argv[1], 'w'), indent=2)" "$OUT/corpus.json" "$(photos_for_corpus)" "$beton" --count "$corpus_count" --workers "$workers"
+          open(sys.argv[1], 'w'), indent=2)" "$report" "$(photos_for_corpus)" "$beton" --count "$corpus_count" --workers "$workers"
 }
 
 views() {  # views NAME BACKEND VS [more pipeline.bench flags]
@@ -163,13 +169,18 @@ train() {  # train NAME PRESET [overrides]: --benchmark from the .beton, bf16
 
 have_dali() { python3 -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('nvidia.dali') is None)" 2> /dev/null; }
 
-core_stages() {
+core_stages() {  # issue 23's GPU proof first (the GPU tests of masks/iBOT/DINOv2 and both presets), then the rest
     stage machine 30 machine_facts
     stage corpus 120 build_corpus
+    stage gpu_tests 150 "${PY[@]}" -m pytest -q -m "gpu and not dali" -p no:cacheprovider tests
+    train train_ibot_vit_s16 configs/ibot_vit_s16.yaml data.backend=ffcv deepspeed.zero_stage=2
+    train train_dinov2_vit_s16 configs/dinov2_vit_s16.yaml data.backend=ffcv deepspeed.zero_stage=2
+    stage views_engine 60 "${PY[@]}" benchmarks/gpu/profile_views.py --data "$beton" --recipe dinov2 --without-masks \
+        --device $device --batch-size $views_batch $engine_flags --json "$OUT/views_engine.json"
+    stage views_profile 110 "${PY[@]}" -m pipeline.bench --backend ffcv --device $device --data "$beton" --recipe adclr \
+        --swap --profile --batch-size $views_batch --workers $workers --seconds $profile_seconds $bench_flags \
+        --json "$OUT/views_profile.json"
     train train_adclr_vit_s16 configs/adclr_vit_s16.yaml data.backend=ffcv deepspeed.zero_stage=2
-    views views_ffcv_vs_reference ffcv reference --swap
-    stage views_engine 60 "${PY[@]}" benchmarks/gpu/profile_views.py --data "$beton" --swap --device $device \
-        --batch-size $views_batch $engine_flags --json "$OUT/views_engine.json"
 }
 
 dali_stages() {
@@ -179,12 +190,13 @@ dali_stages() {
     fi
     [[ -f $beton ]] || stage corpus 120 build_corpus
     views views_dali_vs_dali-ops dali dali-ops  # the op-per-view graph makes no swaps: both without
-    stage gpu_tests 150 "${PY[@]}" -m pytest -q -m gpu -p no:cacheprovider tests
+    stage gpu_tests_dali 150 "${PY[@]}" -m pytest -q -m "gpu and dali" -p no:cacheprovider tests
     train train_dino_vit_s16 configs/dino_vit_s16.yaml data.backend=dali
 }
 
 more_stages() {
     [[ -f $beton ]] || stage corpus 120 build_corpus
+    views views_ffcv_vs_reference ffcv reference --swap
     train train_adclr_vit_b16 configs/adclr_vit_b16.yaml data.backend=ffcv data.batch_size=$(( train_batch / 2 ))
     for zero in 0 3; do
         train train_adclr_vit_s16_zero$zero configs/adclr_vit_s16.yaml data.backend=ffcv deepspeed.zero_stage=$zero
