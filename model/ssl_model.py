@@ -128,13 +128,11 @@ class SSLModel(nn.Module):
         "cls+patch_mean" [N, 2D]: both, concatenated; "auto": `feature_kind(kind, methods)`."""
         kind = feature_kind(kind, self.methods)
         tokens = forward_tokens(self.backbone, images)
-        image_token = self._image_token(tokens.cls, tokens.patches) if kind != "patch_mean" else None
-        patch_mean = tokens.patches.mean(dim=1) if kind != "cls" else None  # [N, D]
         if kind == "cls":
-            return image_token
+            return self._image_token(tokens.cls, tokens.patches)
         if kind == "patch_mean":
-            return patch_mean
-        return torch.cat([image_token, patch_mean], dim=-1)
+            return tokens.patches.mean(dim=1)  # [N, D]
+        return torch.cat([self._image_token(tokens.cls, tokens.patches), tokens.patches.mean(dim=1)], dim=-1)
 
     def forward(self, views, role: str) -> dict[str, Tensor]:
         if role not in ("student", "teacher"):
@@ -146,9 +144,8 @@ class SSLModel(nn.Module):
         queries = views.query_crops if methods.adclr.enabled and views.num_queries else None
         if methods.adclr.enabled and queries is None:
             raise ValueError("methods.adclr.enabled needs query crops: the recipe must set queries (Views.query_crops has Q = 0)")
-        if methods.ibot.enabled and views.masks is None:
-            raise ValueError("methods.ibot.enabled needs Views.masks: set recipe.masks.enabled=true (or start from "
-                             "`recipe: ibot` or `recipe: dinov2`)")
+        if methods.ibot.enabled:
+            self._check_masks(views)
         masks = views.masks if methods.ibot.enabled and not teacher else None  # the teacher sees unmasked crops
         global_crops = views.global_crops[global_index[0]:global_index[-1] + 1] if global_index else None  # a view, no copy
         globals_out = self._encode(global_crops, queries, masks) if global_index else None
@@ -223,13 +220,23 @@ class SSLModel(nn.Module):
         image_tokens = [global_image] + ([] if locals_out is None else [self._image_token(locals_out.cls, locals_out.patches)])
         return self.head(torch.cat(image_tokens))  # [V, B, K]
 
-    def _ibot_logits(self, patches: Tensor, views) -> Tensor:
-        """The iBOT head of the global crops' final-norm patch tokens [G, B, P, D] at the masked positions,
-        gathered into the fixed buffer of `views.max_masked_patches` rows (no host sync) -> [U, K]."""
-        grid = tuple(side // self.patch_size for side in views.global_crops.shape[-2:])
-        if tuple(views.masks.shape[2:]) != grid or patches.shape[0] != views.masks.shape[0]:
+    def _check_masks(self, views) -> None:
+        """Before any crop is encoded (the student's mask token goes in by the masks' shape): the masks exist
+        and are one [h, w] grid per global crop of the model's patch grid."""
+        if views.masks is None:
+            raise ValueError("methods.ibot.enabled needs Views.masks: set recipe.masks.enabled=true (or start from "
+                             "`recipe: ibot` or `recipe: dinov2`)")
+        views_grid = (views.num_globals, views.batch_size,
+                      *(side // self.patch_size for side in views.global_crops.shape[-2:]))
+        if tuple(views.masks.shape) != views_grid:
             raise ValueError(f"Views.masks {tuple(views.masks.shape)} does not match the global crops' patch grid "
-                             f"{tuple(patches.shape[:3])}: recipe.patch_size must be the model's")
+                             f"{views_grid} of the model's {self.patch_size} px patches: recipe.patch_size must be "
+                             f"the model's")
+
+    def _ibot_logits(self, patches: Tensor, views) -> Tensor:
+        """The iBOT head of the global crops' final-norm patch tokens [G, B, P, D] at the masked positions
+        (`_check_masks` checked their grid), gathered into the fixed buffer of `views.max_masked_patches` rows
+        (no host sync) -> [U, K]."""
         index, _, _ = masked_rows(views.masks, views.max_masked_patches)  # [U] into the G * B * P patches
         num_patches = patches.shape[2]
         rows = patches.flatten(0, 1)[index // num_patches, index % num_patches]  # [U, D]

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from pipeline.engine import ViewsEngine
-from pipeline.masks import _ranks, block_masks, draw_mask_uniforms, mask_targets, max_masked_patches
+from pipeline.masks import (BLOCK_TRIES, DRAWS_PER_TRY, _ranks, block_masks, draw_mask_uniforms, mask_targets,
+                            max_masked_patches)
 from pipeline.recipe import MaskSpec, recipe_preset
 from test_engine import make_batch
 
@@ -152,6 +153,77 @@ def test_one_round_places_one_rectangle_within_the_rules():
     assert len(masked) > 500 and (rows * columns == masked.sum(axis=(1, 2))).all()
     assert rows.max() < 14 and columns.max() < 14 and masked.sum(axis=(1, 2)).max() <= 98
     assert (rows * columns).min() >= 2  # a block of at least ~4 patches: area >= 4 draws round to >= 2 patches
+
+
+def loop_on_uniforms(spec: MaskSpec, uniforms: torch.Tensor, grid: tuple[int, int]) -> np.ndarray:
+    """The batched rule's documented draws, consumed one crop and one try at a time with DINOv2's formulas in
+    Python floats: column 0 the ratio, column 1 the order (the crop ranked k-th of C takes slot k < int(C p)),
+    then per round and try (area, log-aspect, top, left). A fixed `spec.rounds`; a crop stops at its target
+    or after a round that places nothing. Returns [C, rows, columns]."""
+    rows, columns = grid
+    patches, num_crops = rows * columns, uniforms.shape[0]
+    masked = int(num_crops * spec.sample_probability)
+    edges = torch.linspace(*spec.ratio_min_max, masked + 1)  # float32, as released
+    order = sorted(range(num_crops), key=lambda crop: (uniforms[crop, 1].item(), crop))
+    targets = [0] * num_crops
+    for slot, crop in enumerate(order[:masked]):
+        targets[crop] = int(patches * (edges[slot] + (edges[slot + 1] - edges[slot]) * uniforms[crop, 0]))
+    log_low, log_high = math.log(spec.aspect[0]), math.log(spec.aspect[1])
+    low, max_block = spec.min_block_patches, spec.max_block_fraction * patches
+    draws = uniforms[:, 2:].double().view(num_crops, spec.rounds, BLOCK_TRIES, DRAWS_PER_TRY).tolist()
+    masks = np.zeros((num_crops, rows, columns), dtype=bool)
+    for crop, target in enumerate(targets):
+        mask, count = masks[crop], 0
+        for round_draws in draws[crop]:
+            if count >= target:
+                break
+            cap, added = min(target - count, max_block), 0
+            for area_u, aspect_u, top_u, left_u in round_draws:
+                area = low + (cap - low) * area_u  # random.uniform(min_num_patches, max_mask_patches)
+                aspect = math.exp(log_low + (log_high - log_low) * aspect_u)
+                height, width = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+                if width < columns and height < rows:
+                    top, left = math.floor(top_u * (rows - height + 1)), math.floor(left_u * (columns - width + 1))
+                    new = height * width - int(mask[top:top + height, left:left + width].sum())
+                    if 0 < new <= cap:
+                        mask[top:top + height, left:left + width] = True
+                        added = new
+                        break
+            if added == 0:
+                break
+            count += added
+    return masks
+
+
+@pytest.mark.parametrize("spec, num_crops, grid", [
+    (DINOV2, 64, (14, 14)),  # DINOv2's defaults on a 224 px ViT-/16 crop
+    (dataclasses.replace(DINOV2, min_block_patches=16), 32, (14, 14)),  # the iBOT preset's smallest block
+    (dataclasses.replace(DINOV2, min_block_patches=1, max_block_fraction=0.2), 48, (4, 4)),  # tiny grid: targets of 1
+    (dataclasses.replace(DINOV2, sample_probability=1.0, ratio_min_max=(0.3, 0.9), aspect=(0.5, 3.0), rounds=3), 24, (6, 9)),
+], ids=["dinov2", "ibot-blocks", "tiny-grid", "wide-grid-few-rounds"])
+def test_batched_masks_equal_the_rule_run_one_crop_at_a_time(spec, num_crops, grid):
+    """Bit for bit, from the same uniforms: every crop's target, every try's area, aspect and corner, the
+    acceptance test (fits, adds between 1 and cap patches), the first accepted try of a round, the end of a crop
+    (target met or a round without a block). The statistics tests above compare the rules' distributions; this
+    one pins the batched tensor program to the per-crop rule it claims to be."""
+    for seed in range(6):
+        uniforms = draw_mask_uniforms(spec, num_crops, torch.Generator().manual_seed(seed))
+        ours = block_masks(spec, uniforms, 2, grid).flatten(0, 1).numpy()
+        expected = loop_on_uniforms(spec, uniforms, grid)
+        assert expected.any(axis=(1, 2)).sum() >= 0.6 * int(num_crops * spec.sample_probability)  # not a vacuous test
+        mismatched = [crop for crop in range(num_crops) if not np.array_equal(ours[crop], expected[crop])]
+        assert not mismatched, (seed, mismatched[:5])
+
+
+def test_no_crop_is_masked_when_the_share_rounds_to_none():
+    """int(C p) = 0 (6 crops at p 0.1, one at p 0.5): no slot, all-empty masks, a bound of 0; masks off: 0."""
+    rare = dataclasses.replace(DINOV2, sample_probability=0.1)
+    masks = block_masks(rare, draw_mask_uniforms(rare, 6, torch.Generator().manual_seed(0)), 2, (14, 14))
+    assert masks.shape == (2, 3, 14, 14) and not masks.any() and max_masked_patches(rare, 6, 196) == 0
+    masks = block_masks(DINOV2, draw_mask_uniforms(DINOV2, 1, torch.Generator().manual_seed(0)), 1, (14, 14))
+    assert masks.shape == (1, 1, 14, 14) and not masks.any()
+    assert max_masked_patches(DINOV2, 1, 196) == 0 and max_masked_patches(DINOV2, 2, 196) == int(196 * 0.5)
+    assert max_masked_patches(dataclasses.replace(DINOV2, enabled=False), 128, 196) == 0
 
 
 def test_ranks_are_a_permutation_even_with_ties():

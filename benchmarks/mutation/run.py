@@ -60,6 +60,11 @@ MODULES: dict[str, list[str]] = {
     "train/checkpoint/*": ["tests/test_checkpoint.py", "tests/test_run_folder.py", "tests/test_checkpoint_ordering.py",
                            "tests/test_resume_paths.py", "tests/test_resize.py", "-m", "not slow"],
     "pipeline/loader.py": ["tests/test_loader.py", "tests/test_loader_bounds.py", "-m", "not slow"],
+    "pipeline/masks.py": ["tests/test_masks.py", "tests/test_recipe.py"],
+    "model/ssl_model.py": ["tests/test_model_ssl.py", "tests/test_ssl_model_paths.py", "tests/test_methods_dinov2.py",
+                           "tests/test_methods_paths.py", "-m", "not slow"],
+    "model/backbone.py": ["tests/test_model_ssl.py", "tests/test_methods_dinov2.py", "tests/test_model_backbone.py",
+                          "-m", "not slow"],
 }
 # (pytest arguments may follow the files: "-m not slow" leaves out the tests that train a model or start a CLI in a
 # subprocess when the module's own unit tests reach it; the thin CLIs keep them. A listed file missing from the
