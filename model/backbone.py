@@ -32,6 +32,9 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
 
+VIT_KIND = "a timm VisionTransformer with one cls token and no registers (e.g. vit_small_patch16_224)"
+
+
 @dataclass
 class ModelConfig:
     """The backbone. Custom sizes override the arch's (0 = keep the arch's value)."""
@@ -47,6 +50,8 @@ class ModelConfig:
     def validate(self, prefix: str = "model") -> None:
         if not self.arch.startswith("vit_"):
             raise ValueError(f"{prefix}.arch: expected a timm VisionTransformer name (vit_...), got {self.arch!r}")
+        if not timm.is_model(self.arch):  # a typo: timm's registry, no model built (build_backbone checks the class)
+            raise ValueError(f"{prefix}.arch: {self.arch!r} is not a timm model name; expected {VIT_KIND}")
         for name in ("embed_dim", "depth", "num_heads", "patch_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{prefix}.{name}: must be >= 0 (0 = arch default), got {getattr(self, name)}")
@@ -65,13 +70,20 @@ class BackboneTokens:
 
 
 def build_backbone(cfg: ModelConfig) -> VisionTransformer:
+    """timm's ViT of `cfg.arch` (random init, no classifier, any input size), with the config's sizes. An arch that
+    timm does not know, or that is not a plain VisionTransformer with one cls token, is refused in one line
+    (`train.config.check_model` builds it on the meta device before a run starts, so a run fails at its config)."""
+    cfg.validate()  # an unknown name, negative sizes
     overrides = {name: getattr(cfg, name) for name in ("embed_dim", "depth", "num_heads", "patch_size") if getattr(cfg, name)}
-    vit = timm.create_model(
-        cfg.arch, pretrained=False, num_classes=0, dynamic_img_size=True,
-        img_size=cfg.img_size, drop_path_rate=cfg.drop_path_rate, **overrides,
-    )
+    try:
+        vit = timm.create_model(
+            cfg.arch, pretrained=False, num_classes=0, dynamic_img_size=True,
+            img_size=cfg.img_size, drop_path_rate=cfg.drop_path_rate, **overrides,
+        )
+    except TypeError as error:  # another ViT family (relative positions, ...) whose class takes other arguments
+        raise ValueError(f"model.arch: {cfg.arch!r} must be {VIT_KIND}; timm's {cfg.arch} refused the arguments: {error}") from None
     if not isinstance(vit, VisionTransformer) or vit.cls_token is None or vit.num_prefix_tokens != 1:
-        raise ValueError(f"model.arch: {cfg.arch!r} must be a timm VisionTransformer with one cls token and no registers")
+        raise ValueError(f"model.arch: {cfg.arch!r} must be {VIT_KIND}")
     return vit
 
 

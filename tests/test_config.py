@@ -244,6 +244,38 @@ def test_methods_need_their_views_at_load_time(tmp_path, capsys, overrides, mess
     load_config(path, [*overrides, fixed[overrides[-1]]])  # with the views made, the same methods load
 
 
+PLAIN_VIT = "a timm VisionTransformer with one cls token and no registers (e.g. vit_small_patch16_224)"
+
+
+@pytest.mark.parametrize("arch, message", [
+    ("vit_small_patch16_244", f"model.arch: 'vit_small_patch16_244' is not a timm model name; expected {PLAIN_VIT}"),
+    ("vit_small_patch14_reg4_dinov2", f"model.arch: 'vit_small_patch14_reg4_dinov2' must be {PLAIN_VIT}"),
+], ids=["typo", "registers"])
+def test_main_refuses_an_arch_that_is_not_a_plain_vit_before_anything_else(tmp_path, capsys, arch, message):
+    """A typo fails at load time (timm's registry), a ViT of another kind in check_model (built on the meta
+    device); both before the data files are looked at (x.beton does not exist) and before the run folder."""
+    from train.main import main
+
+    path = write_tiny_config(tmp_path, tmp_path / "x.beton", tmp_path / "run")
+    assert main(["--config", str(path), f"model.arch={arch}"]) == 2
+    assert capsys.readouterr().err == f"config error: {message}\n"
+    assert not (tmp_path / "run").exists()
+
+
+def test_check_model_builds_the_arch_without_allocating_its_weights(tmp_path, monkeypatch):
+    import train.config
+    from train.config import check_model
+
+    built = []
+    monkeypatch.setattr(train.config, "build_backbone", lambda cfg: built.append(build_backbone(cfg)) or built[-1])
+    from model.backbone import build_backbone
+
+    config = tiny_config(tmp_path, tmp_path / "x.beton", tmp_path / "run", ["model.arch=vit_base_patch16_224"])
+    check_model(config)
+    assert [vit.pos_embed.device.type for vit in built] == ["meta"]
+    assert (built[0].embed_dim, len(built[0].blocks)) == (config.model.embed_dim, config.model.depth)  # the config's sizes
+
+
 @pytest.mark.parametrize("overrides, key", [
     ([], "data.path"),
     (["eval.train_path={beton}", "eval.test_path={missing}"], "eval.test_path"),

@@ -125,3 +125,52 @@ def test_cuda_bf16_image_tokens_match_with_and_without_queries():
         plain = forward_tokens(vit, images)
         with_queries = forward_tokens(vit, images, queries)
     torch.testing.assert_close(plain.patches.float(), with_queries.patches.float(), rtol=2e-2, atol=2e-2)
+
+
+KIND = "a timm VisionTransformer with one cls token and no registers (e.g. vit_small_patch16_224)"
+SMALL = dict(embed_dim=64, depth=1, num_heads=2, patch_size=8, img_size=32)
+
+
+@pytest.mark.parametrize("arch, line", [
+    ("vit_nonexistent_224", f"model.arch: 'vit_nonexistent_224' is not a timm model name; expected {KIND}"),
+    ("vit_small_patch14_reg4_dinov2", f"model.arch: 'vit_small_patch14_reg4_dinov2' must be {KIND}"),  # 4 registers
+    ("vit_base_patch16_rope_224", f"model.arch: 'vit_base_patch16_rope_224' must be {KIND}"),  # timm's Eva class
+    ("vit_relpos_base_patch16_cls_224", f"model.arch: 'vit_relpos_base_patch16_cls_224' must be {KIND}; timm's "
+                                        "vit_relpos_base_patch16_cls_224 refused the arguments: "),
+], ids=["unknown", "registers", "other-class", "other-arguments"])
+def test_an_arch_that_is_not_a_plain_vit_is_refused_in_one_line(arch, line):
+    """One ValueError naming the field and what it accepts, instead of timm's RuntimeError or TypeError."""
+    with pytest.raises(ValueError) as error:
+        build_backbone(ModelConfig(arch=arch, **SMALL))
+    assert str(error.value).startswith(line) and "\n" not in str(error.value)
+
+
+def test_the_config_sets_the_stored_position_grid_and_drop_path():
+    vit = build_backbone(ModelConfig(arch="vit_tiny_patch16_224", **{**SMALL, "img_size": 48, "depth": 2}, drop_path_rate=0.2))
+    assert vit.pos_embed.shape == (1, 1 + 6 * 6, 64) and vit.num_classes == 0
+    assert vit.blocks[-1].drop_path1.drop_prob == pytest.approx(0.2)  # timm: linear in depth, the last block at the rate
+
+
+@pytest.mark.parametrize("field, value, line", [
+    ("img_size", 0, "model.img_size: must be >= 1, got 0"),
+    ("drop_path_rate", 1.0, "model.drop_path_rate: must be in [0, 1), got 1.0"),
+    ("drop_path_rate", -0.1, "model.drop_path_rate: must be in [0, 1), got -0.1"),
+])
+def test_model_config_bounds(field, value, line):
+    with pytest.raises(ValueError) as error:
+        ModelConfig(**{field: value}).validate()
+    assert str(error.value) == line
+    ModelConfig(img_size=1, drop_path_rate=0.0).validate()  # the smallest values accepted
+
+
+def test_a_float32_mask_token_keeps_a_bfloat16_backbones_dtype():
+    """The mask token is cast to the patch embeddings' dtype: a bf16 backbone with an fp32 token still runs in bf16."""
+    vit = tiny_vit().to(torch.bfloat16)
+    images = torch.randn(2, 3, 32, 32, dtype=torch.bfloat16)
+    masks = torch.zeros(2, 4, 4, dtype=torch.bool)
+    masks[0, 1:3, 1:3] = True
+    with torch.no_grad():
+        tokens = forward_tokens(vit, images, masks=masks, mask_token=torch.ones(1, 64))
+        plain = forward_tokens(vit, images)
+    assert tokens.patches.dtype == torch.bfloat16
+    assert torch.equal(tokens.patches[1], plain.patches[1]) and not torch.equal(tokens.patches[0], plain.patches[0])

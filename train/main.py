@@ -8,8 +8,8 @@ time with its device split (forward+backward, optimizer+EMA), data wait (host), 
 against the spec and the measured peak, and peak memory (`--json PATH` writes the same figures); no
 checkpoints, no evaluation, no resume; its config/metrics go to a fresh temporary folder (logged), never
 to `run_dir`.
-The data files are checked before anything is built or written (`train.config.check_paths` and
-`check_data`: they exist, are a .beton or an image folder the backend can read, hold a whole global
+The model and the data files are checked before anything is built or written (`train.config.check_model`: timm
+builds `model.arch` as a plain ViT; `check_paths` and `check_data`: the files exist, are a .beton or an image folder the backend can read, hold a whole global
 batch, and the evaluation sets are labelled; one line `config error: <dotted key>: ...`, exit code 2);
 a finished run re-run logs "nothing to train" and exits 0. The `--local_rank` that the DeepSpeed launcher appends is accepted and ignored (the rank
 comes from the environment).
@@ -57,10 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from train.launch_env import launcher_env_from_slurm
     launcher_env_from_slurm()  # under srun without a launcher: RANK, WORLD_SIZE, MASTER_* from SLURM's variables
-    from train.config import ConfigError, check_data, check_paths, load_config
+    from train.config import ConfigError, check_data, check_model, check_paths, load_config
 
     try:  # before logging is set up: a config mistake prints its one line and nothing else
         cfg = load_config(args.config, args.overrides)
+        check_model(cfg)
         check_paths(cfg)
         check_data(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as error:

@@ -4,7 +4,9 @@ For each MODULE (a key of MODULES, e.g. `train/collapse.py`, or `all`) it copies
 untracked-not-ignored files) into `.mutation/<module>/` (git-ignored), narrows pyproject's [tool.mutmut] there
 to that module (only_mutate) and to its relevant tests (MODULES' list), runs `mutmut run` under `nice -n 19`
 with at most --max-children workers, and prints the mutants' counts: killed / survived / timeout / no tests /
-other, and the equivalent ones (named in benchmarks/mutation/EQUIVALENT.md) counted apart from the survivors.
+other, and the equivalent ones (named in benchmarks/mutation/EQUIVALENT.md and not killed) counted apart from the
+survivors; a listed name that a test kills is counted as killed and printed as stale (mutmut numbers a function's
+mutants in order, so an edit above a listed one renumbers it).
 The survivors' diffs go to `.mutation/<module>/survivors.diff`.
 
   --rev REV          mutate the tree of commit REV instead of the working tree (e.g. the figures before a test
@@ -82,10 +84,10 @@ def slug(module: str) -> str:
 
 
 def equivalents() -> set[str]:
-    """Mutant names listed in EQUIVALENT.md (a line starting `- \\`name\\``)."""
+    """Mutant names listed in EQUIVALENT.md: every `name__mutmut_N` in backticks (an entry may name several)."""
     if not EQUIVALENT.exists():
         return set()
-    return set(re.findall(r"^- `([^`]+__mutmut_\d+)`", EQUIVALENT.read_text(), flags=re.M))
+    return set(re.findall(r"`([^`\s]+__mutmut_\d+)`", EQUIVALENT.read_text()))
 
 
 def copy_tree(dest: Path, rev: str | None) -> list[str]:
@@ -173,7 +175,9 @@ def run_module(module: str, args) -> dict:
         code = subprocess.run(command, cwd=dest, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
     seconds = time.time() - started
     by_key = results(dest)
-    equivalent = equivalents() & set(by_key)
+    killed_keys = {k for k, c in by_key.items() if STATUS.get(c) in ("killed", "timeout")}
+    stale = sorted(equivalents() & killed_keys)  # listed, yet a test kills it: the names shifted with the source
+    equivalent = equivalents() & set(by_key) - killed_keys
     counts: dict[str, int] = {}
     for key, code_ in by_key.items():
         status = "equivalent" if key in equivalent else STATUS.get(code_, "suspicious")
@@ -195,7 +199,7 @@ def run_module(module: str, args) -> dict:
     kind = "retest" if args.retest else ("some" if args.mutants else "all")
     summary = dict(module=module, rev=args.rev or git_head(), mutants=kind,
                    exit=code, minutes=round(seconds / 60, 1), total=total, score=round(score, 1), **counts,
-                   tests=tests, survivors=survivors, date=time.strftime("%Y-%m-%d %H:%M"),
+                   tests=tests, survivors=survivors, stale_equivalents=stale, date=time.strftime("%Y-%m-%d %H:%M"),
                    timeouts=sorted(k for k, c in by_key.items() if STATUS.get(c) == "timeout"))
     with open(SCRATCH / "history.jsonl", "a") as f:  # every run's figures, for the before/after table
         f.write(json.dumps(summary) + "\n")
@@ -261,13 +265,16 @@ def main() -> None:
         s = run_module(module, args)
         others = {k: v for k, v in s.items() if k not in ("module", "rev", "mutants", "exit", "minutes", "total", "score",
                                                           "killed", "survived", "timeout", "equivalent", "tests",
-                                                          "survivors", "date", "timeouts")}
+                                                          "survivors", "stale_equivalents", "date", "timeouts")}
         print(f"{s['module']}: {s['total']} mutants, killed {s.get('killed', 0)}, timeout {s.get('timeout', 0)}, "
               f"survived {s.get('survived', 0)}, equivalent {s.get('equivalent', 0)}"
               + "".join(f", {k} {v}" for k, v in others.items())
               + f"; score {s['score']}% in {s['minutes']} min", flush=True)
         for name in s["survivors"]:
             print(f"  {name}")
+        if s["stale_equivalents"]:  # mutmut numbers a function's mutants in order: an edit above shifts them
+            print(f"  listed in {EQUIVALENT.relative_to(ROOT)} but killed (renumbered by an edit? fix the list): "
+                  + ", ".join(s["stale_equivalents"]))
         (SCRATCH / slug(module) / "summary.json").write_text(json.dumps(s, indent=1))
 
 
