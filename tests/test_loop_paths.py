@@ -44,10 +44,12 @@ class Loader:
 class Telemetry:
     def __init__(self):
         self.logged, self.restarts, self.waits, self.advances, self.phases = [], [], 0, 0, "phase timer"
+        self.wait_seconds = []
 
     def add_data_wait(self, seconds):
         assert seconds >= 0
         self.waits += 1
+        self.wait_seconds.append(seconds)
 
     def advance(self):
         self.advances += 1
@@ -120,8 +122,59 @@ def test_logs_saves_and_evaluates_at_their_boundaries(calls):
     assert (kw["engine"], kw["teacher"]) == ("engine", "teacher")
     assert run.last_checkpoint == Path("ckpt10") and run.last_checkpoint_step == 10
     assert evaluated == [(4, 1), (8, 2)]  # epoch ends only (step 10 is mid-epoch 2)
+    assert [type(epoch) for _, epoch in evaluated] == [int, int]  # the epoch number, as evaluate_epoch is typed
     assert run.telemetry.waits == run.telemetry.advances == 10
     assert run.telemetry.restarts == [5, 8, 10]  # after each save: saving is not training time
+
+
+def test_the_data_wait_is_the_time_spent_fetching_the_batch(calls, monkeypatch):
+    """A clock that advances 0.25 s per reading, and 1 s more while the loader fetches a batch."""
+    clock = {"now": 100.0}
+
+    def perf_counter():
+        clock["now"] += 0.25
+        return clock["now"]
+
+    class SlowLoader(Loader):
+        def __iter__(self):
+            for views in super().__iter__():
+                clock["now"] += 1.0
+                yield views
+
+    monkeypatch.setattr(loop, "time", SimpleNamespace(perf_counter=perf_counter))
+    run = make_run(3, loader=SlowLoader(4))
+    train_loop(run)
+    assert run.telemetry.wait_seconds == [1.25, 1.25, 1.25]
+
+
+def test_data_loading_and_evaluation_fork_only_the_cpu_generator(calls, monkeypatch):
+    """fork_rng(devices=[]): forking the CUDA generators too would read their state back, a host sync per batch."""
+    forked, real_fork_rng = [], torch.random.fork_rng
+    monkeypatch.setattr(torch.random, "fork_rng", lambda **kw: forked.append(kw) or real_fork_rng(**kw))
+    train_loop(make_run(4), evaluate=lambda run, epoch: None)
+    assert forked == [{"devices": []}] * 5  # 4 batches (the loop stops at total_steps, not asking for a 5th), 1 evaluation
+
+
+def test_a_benchmark_without_warmup_saves_nothing_and_keeps_its_interval(calls):
+    run = make_run(6, cfg=config(every_steps=100, ckpt_steps=1, ckpt_epochs=1))
+    assert train_loop(run, benchmark_warmup=0) == "done"
+    assert calls["saved"] == [] and run.telemetry.restarts == []
+
+
+def test_the_benchmark_warmup_end_waits_for_the_device_once(calls, monkeypatch):
+    synced = []
+    monkeypatch.setattr(loop, "_synchronize", synced.append)
+    run = make_run(6, cfg=config(every_steps=100))
+    train_loop(run, benchmark_warmup=2)
+    assert synced == [torch.device("cpu")] and run.telemetry.restarts == [2]
+
+
+def test_synchronize_waits_for_a_cuda_device_only(monkeypatch):
+    waited = []
+    monkeypatch.setattr(torch.cuda, "synchronize", waited.append)
+    loop._synchronize(torch.device("cuda", 1))
+    loop._synchronize(torch.device("cpu"))
+    assert waited == [torch.device("cuda", 1)]
 
 
 @pytest.mark.parametrize("ckpt_steps,ckpt_epochs,saved", [(0, 0, []), (4, 0, [4, 8]), (0, 1, [4, 8]), (0, 3, []),
@@ -202,6 +255,10 @@ def test_an_epoch_with_no_batch_stops_with_one_line(calls):
     assert str(error.value) == ("epoch 1 of set.beton gave rank 0 no usable batch: 9 records skipped so far (cannot "
                                 "decode; crc32 9 differs); run `preprocess verify set.beton` and rebuild the dataset")
     loader = Loader(4, short={0: 0})
+    loader.skipped, loader.skipped_records = 3, {0: "a" * 81, 1: "b", 2: "c"}  # the first two reasons, 80 characters each
+    with pytest.raises(NoUsableData, match=rf"3 records skipped so far \({'a' * 80}; b\); run"):
+        train_loop(make_run(12, loader=loader))
+    loader = Loader(4, short={0: 0})
     with pytest.raises(NoUsableData, match=r"0 records skipped so far \(no reason recorded\)"):
         train_loop(make_run(12, loader=loader))
 
@@ -256,6 +313,21 @@ def test_the_check_on_two_ranks_averages_losses_and_takes_any_flag(calls, monkey
     assert len(run.telemetry.logged) == 1  # not a log step: nothing logged
 
 
+def test_the_check_on_two_ranks_with_three_loss_parts(calls, monkeypatch):
+    """The flags are the last two entries whatever the number of loss parts (here 3: dino, ibot, loss)."""
+    run = make_run(10, world_size=2)
+    parts = {"loss": torch.tensor(6.0), "dino": torch.tensor(1.0), "ibot": torch.tensor(2.0)}
+    monkeypatch.setattr(loop, "dist", TwoRanks([3.0, 4.0, 8.0, 0.0, 0.0]))
+    run.step = 3
+    assert loop._check_and_log(run, parts, torch.tensor(False), False, 0, True) is False
+    assert run.telemetry.logged[0]["losses"] == {"dino": 2.0, "ibot": 3.0, "loss": 7.0}
+    monkeypatch.setattr(loop, "dist", TwoRanks([3.0, 4.0, 8.0, 0.0, 1.0]))
+    assert loop._check_and_log(run, parts, torch.tensor(False), False, 0, False) is True
+    run.world_size = 1
+    assert loop._check_and_log(run, parts, torch.tensor(False), True, 0, True) is True
+    assert run.telemetry.logged[1]["losses"] == {"dino": 1.0, "ibot": 2.0, "loss": 6.0}
+
+
 def test_a_signal_on_one_of_several_ranks_waits_for_the_log_step(calls, monkeypatch):
     calls["signal_at"] = 1
     monkeypatch.setattr(loop, "dist", TwoRanks([0.0, 0.0, 0.0, 0.0]))
@@ -264,12 +336,14 @@ def test_a_signal_on_one_of_several_ranks_waits_for_the_log_step(calls, monkeypa
     assert run.step == 4 and [s for _, s, _ in calls["saved"]] == [4]  # all-reduced on the log step, then saved
 
 
-def test_stop_signal_flags_once_and_gives_the_handler_back():
+def test_stop_signal_flags_once_and_gives_the_handler_back(caplog):
     previous = signal.getsignal(signal.SIGINT)
     stop = StopSignal()
     try:
         assert not stop.requested
         stop._handle(signal.SIGINT, None)
+        assert caplog.messages == [f"received signal {int(signal.SIGINT)}: saving a checkpoint after this step, then "
+                                   "exiting (send it again to stop at once)"]
         assert stop.requested and signal.getsignal(signal.SIGINT) == previous  # a second Ctrl-C acts as usual
         other = StopSignal()
         other.pid = -1  # as in a forked worker that inherited the handler

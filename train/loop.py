@@ -119,7 +119,7 @@ def train_loop(run: Run, evaluate=None, benchmark_warmup: int = -1) -> str:
         while run.step < run.total_steps:
             epoch = run.step // run.steps_per_epoch
             run.loader.set_epoch(epoch)
-            batches, exhausted, epoch_steps = iter(run.loader), False, 0
+            batches, exhausted, got_a_batch = iter(run.loader), False, False
             while run.step < run.total_steps:
                 wait_start = time.perf_counter()
                 with torch.random.fork_rng(devices=[]):  # data loading never shifts the training RNG stream
@@ -127,7 +127,7 @@ def train_loop(run: Run, evaluate=None, benchmark_warmup: int = -1) -> str:
                 if views is None:
                     exhausted = True
                     break
-                epoch_steps += 1
+                got_a_batch = True
                 run.telemetry.add_data_wait(time.perf_counter() - wait_start)
                 values = run.schedules.at(run.step)
                 log_now = (run.step + 1) % cfg.log.every_steps == 0 or run.step + 1 == run.total_steps
@@ -151,7 +151,7 @@ def train_loop(run: Run, evaluate=None, benchmark_warmup: int = -1) -> str:
                         run.last_checkpoint = save_run_checkpoint(run)
                     if stop_everywhere:
                         return "stopped"
-            if exhausted and epoch_steps == 0:  # the next epoch would find nothing either: never loop on it
+            if exhausted and not got_a_batch:  # the next epoch would find nothing either: never loop on it
                 raise NoUsableData(_no_usable_data_message(run, epoch))
             if exhausted and run.step % run.steps_per_epoch:  # epoch ended short (batches lost to corrupt records)
                 run.step = (epoch + 1) * run.steps_per_epoch
