@@ -1,6 +1,8 @@
 """The methods' edge cases a mutation tool found unobserved (issue 25): KoLeo at its smallest batch, on identical
 tokens (where its two epsilons decide the value), under an outer bf16 autocast on a near tie; RegionCL's paste-box
-patches at the box's edges; iBOT's masked rows on a non-square patch grid; DINO's pairs at their minimum."""
+patches at the box's edges; iBOT's masked rows on a non-square patch grid; DINO's pairs at their minimum; the
+teacher temperature's last ramp epoch, the Sinkhorn-Knopp iterations a config sets, the pairs' weights of the
+collapse figures at a batch of one, dtypes kept in bf16, SelfPatch's neighbours and centre, FLSL's error line."""
 from __future__ import annotations
 
 import math
@@ -8,7 +10,14 @@ import math
 import pytest
 import torch
 
-from model.methods.dino import pairwise_distillation
+import numpy as np
+
+from model.losses import LossState
+from model.methods.adclr import AdclrConfig, AdclrLoss
+from model.methods.common import entropy, masked_mean, sinkhorn_knopp, teacher_temperature
+from model.methods.dino import DinoConfig, DinoLoss, pairwise_distillation
+from model.methods.flsl import FlslConfig, FlslLoss, mean_shift
+from model.methods.selfpatch import SelfPatchConfig, SelfPatchLoss, gather_neighbours
 from model.methods.ibot import masked_rows
 from model.methods.koleo import EPS, koleo
 from model.methods.regioncl import paste_box_mask
@@ -18,6 +27,16 @@ def test_koleo_of_two_images_is_their_distance():
     tokens = torch.tensor([[2.0, 0.0], [0.0, 3.0]])  # unit vectors (1, 0) and (0, 1): each the other's neighbour
     distance = math.sqrt((1 + EPS) ** 2 + (-1 + EPS) ** 2)  # ||x - y + eps||
     assert koleo(tokens).item() == pytest.approx(-math.log(distance + EPS), rel=1e-6)
+
+
+def test_koleo_normalises_a_near_zero_token_with_its_epsilon():
+    """DINOv2 normalises with eps 1e-8: a token of norm 1e-10 becomes (0.01, 0), not a unit vector; its
+    nearest neighbour is then (1, 0) at distance ~0.99 (a unit vector would sit on it)."""
+    tokens = torch.tensor([[1e-10, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    unit = tokens / tokens.norm(dim=1, keepdim=True).clamp_min(EPS)
+    distances = [(unit[0] - unit[1] + EPS).norm(), (unit[1] - unit[0] + EPS).norm(), (unit[2] - unit[0] + EPS).norm()]
+    expected = -sum(math.log(float(d) + EPS) for d in distances) / 3  # neighbours: 0 -> 1, 1 -> 0, 2 -> 0 (a tie: the first)
+    assert koleo(tokens).item() == pytest.approx(expected, rel=1e-5)  # float32 against float64
 
 
 def test_koleo_of_one_image_names_its_batch():
@@ -79,3 +98,81 @@ def test_pairwise_distillation_with_a_single_pair_and_with_none():
     with pytest.raises(ValueError) as error:
         pairwise_distillation(targets, student[:1], 0.1)  # the same view on both sides: no pair
     assert str(error.value) == "distillation needs at least one (teacher view, other student view) pair"
+
+
+def test_teacher_temperature_reaches_the_schedules_exact_end():
+    """DINO's np.linspace sets its last entry to `end` exactly; W = 4 from 0.01 to 0.07 is a case where
+    3 * step + start is one ulp off (0.06999999999999999), at the last ramp epoch and in the interval before it."""
+    schedule = np.linspace(0.01, 0.07, 4)
+    assert teacher_temperature(3.0, 0.01, 0.07, 4) == 0.07 == schedule[3]
+    assert teacher_temperature(2.5, 0.01, 0.07, 4) == schedule[2] + (schedule[3] - schedule[2]) * 0.5
+    assert teacher_temperature(2.0, 0.01, 0.07, 4) == schedule[2]
+
+
+def test_masked_mean_of_one_token_is_that_token_in_its_dtype():
+    tokens = torch.arange(12, dtype=torch.bfloat16).reshape(1, 3, 4)
+    mean = masked_mean(tokens, torch.tensor([[False, True, False]]))
+    assert mean.dtype == torch.bfloat16 and torch.equal(mean, tokens[:, 1])
+
+
+def test_the_configs_sinkhorn_iterations_reach_the_targets():
+    generator = torch.Generator().manual_seed(5)
+    teacher, student = torch.randn(2, 3, 8, generator=generator), torch.randn(4, 3, 8, generator=generator)
+    state = LossState(epoch=100.0, step=0, collect_stats=False)  # past the warm-up: tau_t = teacher_temp
+    for iterations in (1, 3, 5):
+        loss = DinoLoss(DinoConfig(centering="sinkhorn_knopp", sinkhorn_iterations=iterations), 8)(
+            {"cls_logits": student}, {"cls_logits": teacher}, None, state)["dino"]
+        targets = sinkhorn_knopp(teacher, DinoConfig().teacher_temp, iterations)
+        assert loss.item() == pytest.approx(pairwise_distillation(targets, student, 0.1).item(), abs=1e-6)
+    one = DinoLoss(DinoConfig(centering="sinkhorn_knopp", sinkhorn_iterations=1), 8)
+    three = DinoLoss(DinoConfig(centering="sinkhorn_knopp", sinkhorn_iterations=3), 8)
+    outputs = ({"cls_logits": student}, {"cls_logits": teacher}, None, state)
+    assert one(*outputs)["dino"].item() != pytest.approx(three(*outputs)["dino"].item(), abs=1e-6)  # the test can tell
+
+
+@pytest.mark.parametrize("term", ["dino", "adclr"])
+def test_the_kl_figure_weights_each_teacher_view_by_its_pairs_at_a_batch_of_one(term):
+    """2 teacher views of very different entropy, 3 student views, one image: each teacher view has 2 pairs,
+    so the paired entropy is the plain mean of the two views' entropies (the batch size must not enter)."""
+    teacher = torch.stack([torch.zeros(1, 8), torch.arange(8.0).unsqueeze(0) * 3])  # [G=2, B=1, K]: flat, peaked
+    student = torch.randn(3, 1, 8, generator=torch.Generator().manual_seed(0))
+    state = LossState(epoch=100.0, step=0, collect_stats=True)
+    if term == "dino":
+        module, key = DinoLoss(DinoConfig(), 8), "cls_logits"
+    else:  # ADCLR: one query per view
+        module, key = AdclrLoss(AdclrConfig(), out_dim=8), "query_logits"
+        teacher, student = teacher.unsqueeze(2), student.unsqueeze(2)
+    out = module({key: student}, {key: teacher}, None, state)
+    targets = torch.softmax(teacher / DinoConfig().teacher_temp, dim=-1)  # the centre starts at 0
+    paired = entropy(targets).flatten(1).mean(dim=1).mean()
+    assert out[f"{term}/kl"].item() == pytest.approx(out[term].item() - paired.item(), abs=1e-5)
+
+
+def test_gather_neighbours_is_a_per_image_lookup():
+    tokens = torch.randn(3, 5, 2, generator=torch.Generator().manual_seed(1))  # [N, P, D]
+    index = torch.randint(0, 5, (3, 5, 4), generator=torch.Generator().manual_seed(2))  # [N, P, k]
+    expected = torch.stack([torch.stack([tokens[n, index[n, p]] for p in range(5)]) for n in range(3)])
+    assert torch.equal(gather_neighbours(tokens, index), expected)
+
+
+def test_selfpatch_centre_sums_bf16_teacher_logits_in_float32():
+    """4,096 patch rows of bf16 logits: a bf16 running sum would lose the small values (bf16 has 8 bits)."""
+    module = SelfPatchLoss(SelfPatchConfig(out_dim=4, center_momentum=0.0))
+    teacher = (torch.rand(1, 2, 2048, 4, generator=torch.Generator().manual_seed(3)) + 1.0).bfloat16()
+    student = torch.zeros(1, 2, 2048, 4)
+    module({"selfpatch_global_logits": student}, {"selfpatch_global_logits": teacher}, None,
+           LossState(epoch=0.0, step=0, collect_stats=False))
+    torch.testing.assert_close(module.center, teacher.double().reshape(-1, 4).mean(dim=0).float(), rtol=1e-6, atol=1e-6)
+
+
+def test_mean_shift_keeps_the_tokens_dtype():
+    tokens = torch.randn(2, 5, 4).bfloat16()
+    shifted = mean_shift(tokens[:, :3], tokens, beta=1.0)
+    assert shifted.dtype == torch.bfloat16 and shifted.shape == (2, 3, 4)
+
+
+def test_flsl_without_the_teacher_completed_says_what_to_call():
+    with pytest.raises(ValueError) as error:
+        FlslLoss(FlslConfig(enabled=True))({}, {}, None, LossState())
+    assert str(error.value) == ("FlslLoss: teacher_out has no 'flsl_teacher_target_logits'; call "
+                                "teacher.complete_teacher(teacher_out, student_out) after the student forward (train_step does)")

@@ -151,7 +151,7 @@ def sinkhorn_knopp(teacher_logits: Tensor, temperature: float, iterations: int =
 
 
 def teacher_targets(teacher_logits: Tensor, center: Tensor, temperature: float, centering: str,
-                    iterations: int = 3, valid: Tensor | None = None) -> Tensor:
+                    iterations: int, valid: Tensor | None = None) -> Tensor:
     """The teacher's targets of a term with a choice of centring: softmax((t - c) / tau_t) ("center") or
     `sinkhorn_knopp` ("sinkhorn_knopp"; the centre buffer is then neither read nor updated)."""
     if centering == "sinkhorn_knopp":
