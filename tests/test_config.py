@@ -264,12 +264,11 @@ def test_main_refuses_an_arch_that_is_not_a_plain_vit_before_anything_else(tmp_p
 
 def test_check_model_builds_the_arch_without_allocating_its_weights(tmp_path, monkeypatch):
     import train.config
+    from model.backbone import build_backbone
     from train.config import check_model
 
-    built = []
+    built = []  # what check_model built, through a spy around the real build_backbone
     monkeypatch.setattr(train.config, "build_backbone", lambda cfg: built.append(build_backbone(cfg)) or built[-1])
-    from model.backbone import build_backbone
-
     config = tiny_config(tmp_path, tmp_path / "x.beton", tmp_path / "run", ["model.arch=vit_base_patch16_224"])
     check_model(config)
     assert [vit.pos_embed.device.type for vit in built] == ["meta"]
